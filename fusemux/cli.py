@@ -1,0 +1,195 @@
+"""The ``fusemux`` command line: serve, status, check and demo.
+
+This module owns argument parsing, exit codes and what an operator reads on the terminal.
+``status`` is a thin client over the ``user.fusemux.*`` xattrs of a running mount; it never
+talks to the daemon any other way. Expected failures print one line and exit non-zero,
+without a traceback.
+
+Exit codes: 0 success, 1 the operation failed (for example a mountpoint that is not a
+fusemux mount), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from fusemux import __version__
+from fusemux.config import ConfigError, load_config
+
+PREFIX = "user.fusemux."
+log = logging.getLogger("fusemux")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK, {len(config.exports)} export(s)")
+    for name, export in config.exports.items():
+        opts = f" -o {export.mount_options()}" if export.mount_options() else ""
+        print(f"  {name}: mount -t {export.fstype}{opts} {export.source}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fusemux.daemon import StartupError, run
+
+    _setup_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    try:
+        return run(config, args.mountpoint, debug_fuse=args.debug_fuse)
+    except StartupError as e:
+        print(f"fusemux: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        # pyfuse3.init raises RuntimeError when the kernel refuses the FUSE mount.
+        print(f"fusemux: cannot mount {args.mountpoint}: {e}", file=sys.stderr)
+        return 1
+
+
+def _getx(path: str, key: str) -> str:
+    try:
+        return os.getxattr(path, PREFIX + key).decode("utf-8", "surrogateescape")
+    except OSError:
+        return ""
+
+
+def collect_status(mountpoint: str) -> dict[str, Any]:
+    """Everything ``status`` shows, read through the xattrs of the mount."""
+    root = os.path.abspath(mountpoint)
+    try:
+        version = os.getxattr(root, PREFIX + "version").decode()
+    except OSError as e:
+        raise OSError(e.errno, f"{root} is not a running fusemux mount ({e.strerror})") from None
+    status: dict[str, Any] = {
+        "mountpoint": root,
+        "version": version,
+        "pid": int(_getx(root, "pid") or 0),
+        "exports": [],
+    }
+    volumes_dir = os.path.join(root, "volumes")
+    for name in sorted(os.listdir(volumes_dir)):
+        path = os.path.join(volumes_dir, name)
+        keys = [k.removeprefix(PREFIX) for k in os.listxattr(path) if k.startswith(PREFIX)]
+        info: dict[str, Any] = {"name": name}
+        for key in keys:
+            info[key] = _getx(path, key)
+        for key in ("holders", "mount_count", "capacity", "free"):
+            if info.get(key, "") != "":
+                info[key] = int(info[key])
+        open_names = [v for v in info.pop("open_volumes", "").split(",") if v]
+        info["open_volumes"] = []
+        for vol in open_names:
+            vpath = os.path.join(path, vol)
+            count = _getx(vpath, "open_count")
+            openers = [o for o in _getx(vpath, "openers").split(",") if o]
+            info["open_volumes"].append(
+                {"name": vol, "open_count": int(count or 0), "openers": openers}
+            )
+        status["exports"].append(info)
+    return status
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"fusemux {status['version']} (pid {status['pid']}) at {status['mountpoint']}")
+    rows = [("EXPORT", "STATE", "HOLDERS", "MOUNTS", "SOURCE", "LAST ERROR")]
+    for e in status["exports"]:
+        rows.append(
+            (
+                e["name"],
+                e.get("state", "?"),
+                str(e.get("holders", "")),
+                str(e.get("mount_count", "")),
+                f"{e.get('fstype', '')}:{e.get('source', '')}",
+                e.get("last_error", "") or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=False)) + "  " + r[5])
+    for e in status["exports"]:
+        for v in e["open_volumes"]:
+            openers = ", ".join(v["openers"]) or "-"
+            print(f"open: {e['name']}/{v['name']} x{v['open_count']} by {openers}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        status = collect_status(args.mountpoint)
+    except OSError as e:
+        print(f"fusemux: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(status, sys.stdout, indent=2)
+        print()
+    else:
+        _print_status(status)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fusemux.demo import run_demo
+
+    _setup_logging(args.verbose)
+    return run_demo(args.dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusemux",
+        description="One FUSE mount that serves every volume of every configured export.",
+    )
+    parser.add_argument("--version", action="version", version=f"fusemux {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve the mount in the foreground until SIGTERM")
+    p.add_argument("mountpoint")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="show exports, states, holders and open volumes")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check", help="validate a configuration file")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="build the embedded demo area and serve it")
+    p.add_argument("--dir", default="/var/tmp/fusemux-demo", help="where to build the demo")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc

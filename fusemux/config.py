@@ -1,0 +1,333 @@
+"""Configuration: the TOML file and Cinder's shares file, turned into a frozen :class:`Config`.
+
+This module owns parsing and validation. It never raises on the first problem: it collects
+every problem as ``FILE:LINE: reason`` and raises one :class:`ConfigError` holding them all, so
+``fusemux check`` can show an operator everything that is wrong in one go.
+
+TOML keys (unknown keys are errors)::
+
+    state_dir = "/run/fusemux"
+    linger = 10.0
+    mount_timeout = 60.0
+    shares_file = "/etc/cinder/nfs_shares"   # optional
+    shares_fstype = "nfs"
+
+    [exports.NAME]
+    source = "host:/path"
+    fstype = "nfs"
+    options = "vers=4.2"
+    read_only = false
+
+A shares-file entry ``address:/export [-o options]`` becomes the export named
+``md5(address).hexdigest()``, the directory name nova and os-brick use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_DIR = "/run/fusemux"
+DEFAULT_LINGER = 10.0
+DEFAULT_MOUNT_TIMEOUT = 60.0
+DEFAULT_FSTYPE = "nfs"
+
+TOP_KEYS = frozenset(
+    {"state_dir", "linger", "mount_timeout", "shares_file", "shares_fstype", "exports"}
+)
+EXPORT_KEYS = frozenset({"source", "fstype", "options", "read_only"})
+
+# An export name is a directory name under /volumes: no slash, no leading dot, no control
+# characters, and short enough for NAME_MAX.
+_EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,254}$")
+_FSTYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+# Cinder's own rule for a share address.
+_SHARE_RE = re.compile(r"^.+:/.+$")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One export: a backing filesystem that mount(8) can mount."""
+
+    name: str
+    source: str
+    fstype: str = DEFAULT_FSTYPE
+    options: str = ""
+    read_only: bool = False
+    origin: str = ""  # FILE:LINE where it was defined, for messages
+
+    def mount_options(self) -> str:
+        """The ``-o`` argument for mount(8), with ``ro`` added for read-only exports."""
+        opts = [o for o in self.options.split(",") if o]
+        if self.read_only and "ro" not in opts:
+            opts.append("ro")
+        return ",".join(opts)
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    linger: float = DEFAULT_LINGER
+    mount_timeout: float = DEFAULT_MOUNT_TIMEOUT
+    exports: Mapping[str, ExportConfig] = field(default_factory=dict)
+    source_file: str = ""
+
+    @property
+    def mnt_dir(self) -> Path:
+        return self.state_dir / "mnt"
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, each formatted ``FILE:LINE: reason``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def share_export_name(address: str) -> str:
+    """The export name of a shares-file entry: the md5 nova and os-brick use."""
+    return hashlib.md5(address.encode()).hexdigest()
+
+
+class _Locator:
+    """Finds the line of a table header or key in TOML text (tomllib keeps no positions)."""
+
+    _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+    _KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_.-]+)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            m = self._HEADER.match(line)
+            if m:
+                table = tuple(self._split(m.group(1)))
+                self.lines.setdefault(table, lineno)
+                continue
+            m = self._KEY.match(line)
+            if m:
+                self.lines.setdefault(table + tuple(self._split(m.group(1))), lineno)
+
+    @staticmethod
+    def _split(dotted: str) -> list[str]:
+        parts = re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", dotted)
+        return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+    def line(self, *path: str) -> int:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return self.lines[path[:n]]
+        return 1
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_shares(path: Path, fstype: str) -> tuple[list[ExportConfig], list[str]]:
+    """Parse a Cinder shares file: one ``address:/export [-o options]`` per line.
+
+    Raises OSError or UnicodeDecodeError when the file cannot be read at all.
+    """
+    exports: list[ExportConfig] = []
+    problems: list[str] = []
+    text = path.read_text(encoding="utf-8")
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        address, _, rest = line.partition(" ")
+        address = address.strip().replace("\\040", " ")
+        if not _SHARE_RE.match(address):
+            problems.append(f"{where}: share {address!r} must be of the form address:/export")
+            continue
+        options: list[str] = []
+        tokens = rest.split()
+        ok = True
+        i = 0
+        while i < len(tokens):
+            tok = tokens[i]
+            if tok == "-o" and i + 1 < len(tokens):
+                options.append(tokens[i + 1])
+                i += 2
+            elif tok.startswith("-o") and len(tok) > 2:
+                options.append(tok[2:])
+                i += 1
+            else:
+                problems.append(
+                    f"{where}: unsupported share option {tok!r}; only '-o OPTIONS' is accepted"
+                )
+                ok = False
+                break
+        if not ok:
+            continue
+        if address in seen:
+            problems.append(f"{where}: share {address!r} already listed on line {seen[address]}")
+            continue
+        seen[address] = lineno
+        exports.append(
+            ExportConfig(
+                name=share_export_name(address),
+                source=address,
+                fstype=fstype,
+                options=",".join(options),
+                origin=where,
+            )
+        )
+    return exports, problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config (and the shares file it names); raise ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{path}:0: cannot read config: {e.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not valid UTF-8"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = int(m.group(1)) if m else 1
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError([f"{path}:{line}: TOML syntax error: {reason}"]) from None
+    return _validate(path, text, data)
+
+
+def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
+    loc = _Locator(text)
+    problems: list[str] = []
+
+    def err(reason: str, *key: str) -> None:
+        problems.append(f"{path}:{loc.line(*key)}: {reason}")
+
+    for key in sorted(set(data) - TOP_KEYS):
+        err(f"unknown key {key!r}", key)
+
+    state_dir = data.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir.startswith("/"):
+        err("state_dir must be an absolute path string", "state_dir")
+        state_dir = DEFAULT_STATE_DIR
+
+    linger = data.get("linger", DEFAULT_LINGER)
+    if not _is_number(linger) or linger < 0:
+        err("linger must be a number of seconds >= 0", "linger")
+        linger = DEFAULT_LINGER
+
+    mount_timeout = data.get("mount_timeout", DEFAULT_MOUNT_TIMEOUT)
+    if not _is_number(mount_timeout) or mount_timeout <= 0:
+        err("mount_timeout must be a number of seconds > 0", "mount_timeout")
+        mount_timeout = DEFAULT_MOUNT_TIMEOUT
+
+    shares_fstype = data.get("shares_fstype", DEFAULT_FSTYPE)
+    if not isinstance(shares_fstype, str) or not _FSTYPE_RE.match(shares_fstype):
+        err("shares_fstype must be a filesystem type name such as 'nfs'", "shares_fstype")
+        shares_fstype = DEFAULT_FSTYPE
+
+    exports: dict[str, ExportConfig] = {}
+    table = data.get("exports", {})
+    if not isinstance(table, dict):
+        err("exports must be a table of [exports.NAME] tables", "exports")
+        table = {}
+    for name, spec in table.items():
+        origin = f"{path}:{loc.line('exports', name)}"
+        export = _validate_export(
+            name, spec, origin, lambda r, *k, n=name: err(r, "exports", n, *k)
+        )
+        if export is not None:
+            exports[name] = export
+
+    shares_file = data.get("shares_file")
+    if shares_file is not None:
+        if not isinstance(shares_file, str) or not shares_file:
+            err("shares_file must be a path string", "shares_file")
+        else:
+            shares_path = Path(shares_file)
+            if not shares_path.is_absolute():
+                shares_path = path.parent / shares_path
+            try:
+                shares, share_problems = parse_shares(shares_path, shares_fstype)
+            except OSError as e:
+                err(f"cannot read shares file {shares_path}: {e.strerror}", "shares_file")
+                shares, share_problems = [], []
+            except UnicodeDecodeError:
+                err(f"shares file {shares_path} is not valid UTF-8", "shares_file")
+                shares, share_problems = [], []
+            problems.extend(share_problems)
+            for export in shares:
+                if export.name in exports:
+                    problems.append(
+                        f"{export.origin}: share {export.source!r} has export name "
+                        f"{export.name} which is already defined at {exports[export.name].origin}"
+                    )
+                    continue
+                exports[export.name] = export
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        state_dir=Path(state_dir),
+        linger=float(linger),
+        mount_timeout=float(mount_timeout),
+        exports=dict(sorted(exports.items())),
+        source_file=str(path),
+    )
+
+
+def _validate_export(
+    name: str, spec: Any, origin: str, err: Callable[..., None]
+) -> ExportConfig | None:
+    ok = True
+    if not _EXPORT_NAME_RE.match(name):
+        err(
+            f"export name {name!r} is not a valid directory name "
+            "(letters, digits, '_', '.', '+', '@', '-'; not starting with '.' or '-')"
+        )
+        ok = False
+    if not isinstance(spec, dict):
+        err(f"exports.{name} must be a table")
+        return None
+    for key in sorted(set(spec) - EXPORT_KEYS):
+        err(f"unknown key {key!r} in exports.{name}", key)
+        ok = False
+    source = spec.get("source")
+    if not isinstance(source, str) or not source.strip():
+        err(f"exports.{name}.source is required and must be a non-empty string", "source")
+        ok = False
+    fstype = spec.get("fstype", DEFAULT_FSTYPE)
+    if not isinstance(fstype, str) or not _FSTYPE_RE.match(fstype):
+        err(f"exports.{name}.fstype must be a filesystem type name such as 'nfs'", "fstype")
+        ok = False
+    options = spec.get("options", "")
+    if not isinstance(options, str) or any(c.isspace() for c in options):
+        err(f"exports.{name}.options must be a string without whitespace", "options")
+        ok = False
+    read_only = spec.get("read_only", False)
+    if not isinstance(read_only, bool):
+        err(f"exports.{name}.read_only must be true or false", "read_only")
+        ok = False
+    if not ok:
+        return None
+    assert isinstance(source, str) and isinstance(fstype, str) and isinstance(options, str)
+    return ExportConfig(
+        name=name,
+        source=source,
+        fstype=fstype,
+        options=options,
+        read_only=bool(read_only),
+        origin=origin,
+    )

@@ -1,0 +1,482 @@
+"""The engine-agnostic filesystem: every FUSE operation fusemux answers, as plain Python.
+
+This module owns the behaviour of the mount. An engine (pyfuse3 today, a kernel-passthrough
+engine later) converts a kernel request into one call here and converts the result or the
+:class:`~fusemux.errors.FusemuxError`/``OSError`` back. Nothing here imports a FUSE binding.
+
+Data flow of an open::
+
+    engine.open -> FileSystem.open -> ExportManager.acquire (lock; mount if needed)
+                -> open_backing in a worker thread -> Handle registered -> reply
+
+Release walks back: close the backing fds in a worker thread, then ``ExportManager.release``,
+which starts the linger when the last holder goes.
+
+Concurrency: all state lives in the trio thread. Every syscall on a backing file or backing
+filesystem runs in a worker thread under the export's own ``CapacityLimiter``, so a hung
+export stalls only requests for that export.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from fusemux import __version__
+from fusemux.config import Config
+from fusemux.core import handles as hio
+from fusemux.core import xattrs
+from fusemux.core.exports import Export, ExportManager, State
+from fusemux.core.handles import DirHandle, Handle, HandleTable
+from fusemux.core.mounter import Mounter
+from fusemux.core.namespace import ROOT_INO, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
+from fusemux.core.namespace import visible_volume_name as _visible
+from fusemux.errors import (
+    FusemuxError,
+    NamespaceReadOnly,
+    NoSuchAttribute,
+    NotFound,
+    ReadOnlyExport,
+    XattrNotSupported,
+    XattrReadOnly,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Cache lifetimes handed to the kernel. Synthetic directories never change while the daemon
+# runs; volume attributes may change on the storage side, so they are kept briefly.
+DIR_TIMEOUT = 60.0
+VOLUME_TIMEOUT = 1.0
+# statvfs of a backing filesystem for xattrs/statfs must not hang an admin's getfattr.
+STATVFS_TIMEOUT = 5.0
+BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Attr:
+    """Attributes of one node, engine-neutral."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    timeout: float
+    blksize: int = BLOCK
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """The attribute changes of a setattr request; None means unchanged."""
+
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    fh: int
+    direct_io: bool
+    keep_cache: bool
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    attr: Attr
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class StatFs:
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int = 255
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Who sent a request (engines fill it from the kernel's request header)."""
+
+    pid: int = 0
+    uid: int = 0
+    gid: int = 0
+
+
+class FileSystem:
+    """The operations of the fusemux mount."""
+
+    def __init__(self, config: Config, mounter: Mounter, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.exports = ExportManager(config, mounter, nursery)
+        self.namespace = Namespace(list(config.exports))
+        self.handles = HandleTable()
+        # Synthetic directories carry the daemon's start time.
+        self._dir_time_ns = time.time_ns()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _io(self, export: Export, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking call on *export*'s backing filesystem in a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=export.limiter)
+
+    def _dir_attr(self, node: Node) -> Attr:
+        now = self._dir_time_ns
+        return Attr(
+            ino=node.ino,
+            mode=stat.S_IFDIR | 0o755,
+            nlink=2,
+            uid=0,
+            gid=0,
+            size=0,
+            blocks=0,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+            timeout=DIR_TIMEOUT,
+        )
+
+    @staticmethod
+    def _volume_attr(node: Node, st: os.stat_result) -> Attr:
+        return Attr(
+            ino=node.ino,
+            mode=st.st_mode,
+            nlink=1,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            blocks=st.st_blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            timeout=VOLUME_TIMEOUT,
+            blksize=st.st_blksize or BLOCK,
+        )
+
+    def _volume(self, ino: int) -> Node:
+        node = self.namespace.node(ino)
+        if node.kind is not Kind.VOLUME:
+            raise FusemuxError("not a volume", errno.EISDIR)
+        return node
+
+    async def _stat_volume(self, export: Export, name: str) -> os.stat_result:
+        st = await self._io(export, os.lstat, export.backing_path(name))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"{name} is not a regular file")
+        return st
+
+    # -- lookup and attributes ---------------------------------------------------------
+
+    async def lookup(self, parent: int, name: str, ctx: Ctx) -> Attr:
+        node = self.namespace.node(parent)
+        if node.kind is Kind.ROOT:
+            if name != VOLUMES_DIR:
+                raise NotFound(name)
+            return self._dir_attr(self.namespace.node(VOLUMES_INO))
+        if node.kind is Kind.VOLUMES:
+            return self._dir_attr(self.namespace.export_node(name))
+        if node.kind is Kind.EXPORT:
+            if not _visible(name):
+                raise NotFound(name)
+            async with self.exports.hold(node.export) as export:
+                st = await self._stat_volume(export, name)
+            return self._volume_attr(self.namespace.volume_node(node.export, name), st)
+        raise FusemuxError("not a directory", errno.ENOTDIR)
+
+    async def getattr(self, ino: int, ctx: Ctx) -> Attr:
+        node = self.namespace.node(ino)
+        if node.is_dir:
+            return self._dir_attr(node)
+        async with self.exports.hold(node.export) as export:
+            st = await self._stat_volume(export, node.name)
+        return self._volume_attr(node, st)
+
+    async def setattr(self, ino: int, change: SetAttr, fh: int | None, ctx: Ctx) -> Attr:
+        node = self.namespace.node(ino)
+        if node.is_dir:
+            raise NamespaceReadOnly("directories of the fusemux mount cannot be changed")
+        handle = self.handles.files.get(fh) if fh is not None else None
+        async with self.exports.hold(node.export) as export:
+            if change.size is not None and export.config.read_only:
+                raise ReadOnlyExport(f"export {export.name} is read-only")
+            path = export.backing_path(node.name)
+            await self._io(export, _apply_setattr, path, change, handle)
+            st = await self._stat_volume(export, node.name)
+        return self._volume_attr(node, st)
+
+    # -- files -------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int, ctx: Ctx) -> OpenReply:
+        node = self._volume(ino)
+        export_cfg = self.exports.get(node.export).config
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if export_cfg.read_only and writing:
+            raise ReadOnlyExport(f"export {node.export} is read-only")
+        pid, comm = hio.opener_of(ctx.pid) if ctx.pid else (0, "?")
+        export = await self.exports.acquire(node.export)
+        try:
+            path = export.backing_path(node.name)
+            fd, direct = await self._io(export, hio.open_backing, path, flags)
+        except BaseException:
+            self.exports.release(export)
+            raise
+        fh = self.handles.next_fh()
+        self.handles.files[fh] = Handle(
+            fh=fh,
+            ino=ino,
+            export=export,
+            name=node.name,
+            path=path,
+            fd=fd,
+            flags=flags,
+            direct=direct,
+            opener_pid=pid,
+            opener_comm=comm,
+        )
+        log.debug("open %s/%s fh=%d by %d:%s", node.export, node.name, fh, pid, comm)
+        # O_DIRECT opens get direct_io replies, so the kernel's page cache is bypassed too.
+        return OpenReply(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles.file(fh)
+        return await self._io(handle.export, hio.read, handle, off, size)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        handle = self.handles.file(fh)
+        if handle.export.config.read_only:
+            raise ReadOnlyExport(f"export {handle.export.name} is read-only")
+        return await self._io(handle.export, hio.write, handle, off, data)
+
+    async def flush(self, fh: int) -> None:
+        handle = self.handles.file(fh)
+        await self._io(handle.export, hio.flush, handle)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles.file(fh)
+        await self._io(handle.export, hio.fsync, handle, datasync)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.files.pop(fh, None)
+        if handle is None:
+            return
+        try:
+            await self._io(handle.export, hio.close, handle)
+        except OSError as e:
+            log.warning("close of %s/%s failed: %s", handle.export.name, handle.name, e)
+        finally:
+            self.exports.release(handle.export)
+
+    # -- directories -------------------------------------------------------------------
+
+    async def opendir(self, ino: int, ctx: Ctx) -> int:
+        node = self.namespace.node(ino)
+        if not node.is_dir:
+            raise FusemuxError("not a directory", errno.ENOTDIR)
+        export = await self.exports.acquire(node.export) if node.kind is Kind.EXPORT else None
+        fh = self.handles.next_fh()
+        self.handles.dirs[fh] = DirHandle(fh=fh, ino=ino, export=export)
+        return fh
+
+    async def readdir(self, fh: int, offset: int) -> list[DirEntry]:
+        """Entries after *offset* (an inode number; 0 = from the start), in inode order."""
+        dh = self.handles.dir(fh)
+        node = self.namespace.node(dh.ino)
+        if node.kind is Kind.ROOT:
+            entries = [DirEntry(VOLUMES_DIR, self._dir_attr(self.namespace.node(VOLUMES_INO)), 0)]
+        elif node.kind is Kind.VOLUMES:
+            entries = [
+                DirEntry(n.export, self._dir_attr(n), 0) for n in self.namespace.export_nodes()
+            ]
+        else:
+            assert dh.export is not None
+            if dh.entries is None or offset == 0:
+                listing = await self._io(dh.export, _list_volumes, dh.export.target)
+                dh.stats = listing
+                dh.entries = sorted(
+                    ((name, self.namespace.volume_node(node.export, name).ino) for name in listing),
+                    key=lambda e: e[1],
+                )
+            entries = [
+                DirEntry(name, self._volume_attr(self.namespace.node(ino), dh.stats[name]), 0)
+                for name, ino in dh.entries
+            ]
+        return [
+            DirEntry(e.name, e.attr, e.attr.ino)
+            for e in sorted(entries, key=lambda e: e.attr.ino)
+            if e.attr.ino > offset
+        ]
+
+    async def releasedir(self, fh: int) -> None:
+        dh = self.handles.dirs.pop(fh, None)
+        if dh is not None and dh.export is not None:
+            self.exports.release(dh.export)
+
+    # -- filesystem ----------------------------------------------------------------------
+
+    async def statfs(self, ctx: Ctx) -> StatFs:
+        """The mount as a whole: the sum over exports that are mounted right now."""
+        total = StatFs(bsize=BLOCK, blocks=0, bfree=0, bavail=0, files=0, ffree=0)
+        for export in self.exports.exports.values():
+            if export.state is not State.MOUNTED:
+                continue
+            st = await self._statvfs(export)
+            if st is None:
+                continue
+            scale = st.f_frsize / BLOCK
+            total = StatFs(
+                bsize=BLOCK,
+                blocks=total.blocks + int(st.f_blocks * scale),
+                bfree=total.bfree + int(st.f_bfree * scale),
+                bavail=total.bavail + int(st.f_bavail * scale),
+                files=total.files + st.f_files,
+                ffree=total.ffree + st.f_ffree,
+            )
+        return total
+
+    async def _statvfs(self, export: Export) -> os.statvfs_result | None:
+        with trio.move_on_after(STATVFS_TIMEOUT):
+            try:
+                return await trio.to_thread.run_sync(
+                    os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
+                )
+            except OSError as e:
+                log.warning("export %s: statvfs failed: %s", export.name, e)
+                return None
+        log.warning("export %s: statvfs timed out", export.name)
+        return None
+
+    # -- xattrs --------------------------------------------------------------------------
+
+    def _open_volumes(self, export: str) -> list[str]:
+        return sorted({h.name for h in self.handles.for_export(export)})
+
+    async def listxattr(self, ino: int, ctx: Ctx) -> list[str]:
+        node = self.namespace.node(ino)
+        if node.kind is Kind.ROOT:
+            return xattrs.full(xattrs.ROOT_KEYS)
+        if node.kind is Kind.EXPORT:
+            return xattrs.export_keys(self.exports.get(node.export).snapshot())
+        if node.kind is Kind.VOLUME:
+            return xattrs.full(xattrs.VOLUME_KEYS)
+        return []
+
+    async def getxattr(self, ino: int, name: str, ctx: Ctx) -> bytes:
+        # The kernel probes security.capability before writes: answer it without work.
+        if not name.startswith(xattrs.PREFIX):
+            raise NoSuchAttribute(name)
+        key = name[len(xattrs.PREFIX) :]
+        node = self.namespace.node(ino)
+        values: dict[str, str] = {}
+        if node.kind is Kind.ROOT:
+            values = dict(xattrs.render_root(__version__, os.getpid()))
+        elif node.kind is Kind.EXPORT:
+            export = self.exports.get(node.export)
+            snap = export.snapshot()
+            if key in xattrs.MOUNTED_ONLY:
+                if snap.state is not State.MOUNTED:
+                    raise NoSuchAttribute(name)
+                st = await self._statvfs(export)
+                if st is None:
+                    raise FusemuxError(f"statvfs of {export.target} failed", errno.EIO)
+                values = {
+                    "capacity": str(st.f_blocks * st.f_frsize),
+                    "free": str(st.f_bavail * st.f_frsize),
+                }
+            else:
+                values = xattrs.render_export(
+                    snap, export.config.read_only, self._open_volumes(node.export)
+                )
+        elif node.kind is Kind.VOLUME:
+            snap = self.exports.get(node.export).snapshot()
+            openers = [
+                xattrs.Opener(h.opener_pid, h.opener_comm) for h in self.handles.for_inode(ino)
+            ]
+            values = xattrs.render_volume(snap, node.name, openers)
+        if key not in values:
+            raise NoSuchAttribute(name)
+        return values[key].encode("utf-8", "surrogateescape")
+
+    async def setxattr(self, ino: int, name: str, value: bytes, ctx: Ctx) -> None:
+        self.namespace.node(ino)
+        if name.startswith(xattrs.PREFIX):
+            raise XattrReadOnly(f"{name} is read-only")
+        raise XattrNotSupported("fusemux stores no extended attributes")
+
+    async def removexattr(self, ino: int, name: str, ctx: Ctx) -> None:
+        await self.setxattr(ino, name, b"", ctx)
+
+    # -- namespace changes -------------------------------------------------------------
+
+    def refuse_namespace_change(self, op: str) -> None:
+        """create, mknod, mkdir, unlink, rmdir, rename, link, symlink: the storage owns it."""
+        raise NamespaceReadOnly(f"{op} is not allowed: the storage side owns the namespace")
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def open_volumes(self) -> list[str]:
+        return sorted({f"{h.export.name}/{h.name}" for h in self.handles.files.values()})
+
+    async def shutdown(self) -> None:
+        """Close every backing fd, then unmount every backing mount."""
+        for fh in list(self.handles.files):
+            await self.release(fh)
+        for fh in list(self.handles.dirs):
+            await self.releasedir(fh)
+        await self.exports.shutdown()
+
+
+def _list_volumes(target: Path) -> dict[str, os.stat_result]:
+    """The visible regular files at the top level of a backing filesystem, with their stat."""
+    out: dict[str, os.stat_result] = {}
+    with os.scandir(target) as it:
+        for entry in it:
+            if not _visible(entry.name):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    out[entry.name] = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while listing
+    return out
+
+
+def _apply_setattr(path: Path, change: SetAttr, handle: Handle | None) -> None:
+    if change.size is not None:
+        if handle is not None and handle.writable:
+            os.ftruncate(handle.fd, change.size)
+        else:
+            os.truncate(path, change.size)
+    if change.mode is not None:
+        os.chmod(path, stat.S_IMODE(change.mode))
+    if change.uid is not None or change.gid is not None:
+        uid = -1 if change.uid is None else change.uid
+        gid = -1 if change.gid is None else change.gid
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if change.atime_ns is not None or change.mtime_ns is not None:
+        st = os.lstat(path)
+        atime = st.st_atime_ns if change.atime_ns is None else change.atime_ns
+        mtime = st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns
+        os.utime(path, ns=(atime, mtime), follow_symlinks=False)

@@ -1,0 +1,221 @@
+"""Open handles: backing file descriptors, who opened them, and the blocking I/O on them.
+
+This module owns the table of open file and directory handles and the synchronous syscalls
+that run in worker threads (never on the event loop; :mod:`fusemux.core.fs` calls them through
+``trio.to_thread.run_sync`` with the export's limiter).
+
+``O_DIRECT``: an ``O_DIRECT`` open gets a backing fd opened with ``O_DIRECT`` too, so the
+page cache is bypassed end to end. The kernel hands fusemux data in ordinary (unaligned)
+Python ``bytes``; for the ``O_DIRECT`` fd they are copied into (or read from) a page-aligned
+anonymous ``mmap`` buffer. Requests whose offset or length the backing filesystem refuses for
+``O_DIRECT`` (``EINVAL``: not aligned to its logical block size) are served through a second,
+buffered fd on the same file; writes there are made durable with ``fdatasync`` and their pages
+dropped with ``posix_fadvise(DONTNEED)``, so they do not linger in the page cache either.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusemux.core.exports import Export
+from fusemux.errors import BadHandle, NotFound
+
+_PAGE = mmap.PAGESIZE
+# Flags an application's open may carry that fusemux forwards to the backing open.
+_FORWARDED_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+_BACKING_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+@dataclass
+class Handle:
+    """One open file handle on a volume."""
+
+    fh: int
+    ino: int
+    export: Export
+    name: str
+    path: Path
+    fd: int
+    flags: int
+    direct: bool
+    opener_pid: int
+    opener_comm: str
+    buffered_fd: int | None = None
+
+    @property
+    def writable(self) -> bool:
+        return (self.flags & os.O_ACCMODE) != os.O_RDONLY
+
+
+@dataclass
+class DirHandle:
+    fh: int
+    ino: int
+    export: Export | None
+    entries: list[tuple[str, int]] | None = None  # (name, ino) snapshot, in inode order
+    stats: dict[str, os.stat_result] = field(default_factory=dict)
+
+
+class HandleTable:
+    """fh -> handle, for files and directories. fh numbers are never reused."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, Handle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next = 1
+
+    def next_fh(self) -> int:
+        fh = self._next
+        self._next += 1
+        return fh
+
+    def file(self, fh: int) -> Handle:
+        try:
+            return self.files[fh]
+        except KeyError:
+            raise BadHandle(f"unknown file handle {fh}") from None
+
+    def dir(self, fh: int) -> DirHandle:
+        try:
+            return self.dirs[fh]
+        except KeyError:
+            raise BadHandle(f"unknown directory handle {fh}") from None
+
+    def for_inode(self, ino: int) -> list[Handle]:
+        return [h for h in self.files.values() if h.ino == ino]
+
+    def for_export(self, export: str) -> list[Handle]:
+        return [h for h in self.files.values() if h.export.name == export]
+
+
+# -- blocking helpers, run in worker threads ---------------------------------------------
+
+
+def open_backing(path: Path, flags: int) -> tuple[int, bool]:
+    """Open a backing volume file; returns (fd, direct). Refuses anything but a regular file."""
+    want = (flags & _FORWARDED_FLAGS) | _BACKING_FLAGS
+    direct = bool(want & os.O_DIRECT)
+    try:
+        fd = os.open(path, want)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotFound(f"{path.name} is not a regular file") from None
+        if e.errno != errno.EINVAL or not direct:
+            raise
+        # The backing filesystem has no O_DIRECT: fall back to buffered I/O.
+        fd = os.open(path, want & ~os.O_DIRECT)
+        direct = False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotFound(f"{path.name} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, direct
+
+
+def _aligned(n: int) -> int:
+    return max(_PAGE, (n + _PAGE - 1) // _PAGE * _PAGE)
+
+
+def _buffered_fd(handle: Handle) -> int:
+    if handle.buffered_fd is None:
+        flags = (handle.flags & (os.O_ACCMODE | os.O_NOATIME)) | _BACKING_FLAGS
+        handle.buffered_fd = os.open(handle.path, flags)
+    return handle.buffered_fd
+
+
+def read(handle: Handle, off: int, size: int) -> bytes:
+    if not handle.direct:
+        return os.pread(handle.fd, size, off)
+    buf = mmap.mmap(-1, _aligned(size))
+    try:
+        view = memoryview(buf)
+        try:
+            n = os.preadv(handle.fd, [view[: _aligned(size)]], off)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return os.pread(_buffered_fd(handle), size, off)
+        data = bytes(view[: min(n, size)])
+        view.release()
+        return data
+    finally:
+        buf.close()
+
+
+def write(handle: Handle, off: int, data: bytes) -> int:
+    if not handle.direct:
+        return os.pwrite(handle.fd, data, off)
+    size = len(data)
+    if size % 512 == 0 and off % 512 == 0:
+        buf = mmap.mmap(-1, _aligned(size))
+        try:
+            buf.write(data)
+            view = memoryview(buf)
+            try:
+                return os.pwritev(handle.fd, [view[:size]], off)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            finally:
+                view.release()
+        finally:
+            buf.close()
+    # Not aligned for this filesystem: buffered write, made durable and evicted.
+    fd = _buffered_fd(handle)
+    n = os.pwrite(fd, data, off)
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+    return n
+
+
+def flush(handle: Handle) -> None:
+    """close(dup(fd)): lets network filesystems report write-back errors at close()."""
+    for fd in (handle.fd, handle.buffered_fd):
+        if fd is not None:
+            os.close(os.dup(fd))
+
+
+def fsync(handle: Handle, datasync: bool) -> None:
+    sync = os.fdatasync if datasync else os.fsync
+    for fd in (handle.fd, handle.buffered_fd):
+        if fd is not None:
+            sync(fd)
+
+
+def close(handle: Handle) -> None:
+    fds = [fd for fd in (handle.fd, handle.buffered_fd) if fd is not None]
+    handle.buffered_fd = None
+    first: OSError | None = None
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as e:
+            first = first or e
+    if first is not None:
+        raise first
+
+
+def opener_of(tid: int) -> tuple[int, str]:
+    """(process id, comm) of the thread *tid* that sent a request (ctx.pid is a thread id)."""
+    pid = tid
+    try:
+        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    pid = int(line.split()[1])
+                    break
+    except (OSError, ValueError):
+        return tid, "?"
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = "?"
+    return pid, comm.replace(",", "_").replace(":", "_") or "?"

@@ -1,0 +1,82 @@
+"""The ``user.fusemux.*`` views: which keys each node has, and their values.
+
+This module owns the names and the rendering of every introspection xattr (docs/xattrs.md is
+the reference). Values are rendered from frozen snapshots handed in by
+:mod:`fusemux.core.fs`; nothing here touches a backing filesystem or blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fusemux.core.exports import ExportSnapshot, State
+
+PREFIX = "user.fusemux."
+
+# Contract keys first, then fusemux additions; listxattr returns them in this order.
+ROOT_KEYS = ("version", "pid")
+EXPORT_KEYS = (
+    "state",
+    "source",
+    "fstype",
+    "holders",
+    "mount_count",
+    "last_error",
+    "capacity",
+    "free",
+    "open_volumes",
+    "backing_path",
+    "read_only",
+)
+VOLUME_KEYS = ("export", "source", "backing_path", "open_count", "openers")
+# Present only while the export is mounted.
+MOUNTED_ONLY = frozenset({"capacity", "free"})
+
+
+@dataclass(frozen=True)
+class Opener:
+    pid: int
+    comm: str
+
+
+def full(keys: tuple[str, ...]) -> list[str]:
+    return [PREFIX + k for k in keys]
+
+
+def export_keys(snapshot: ExportSnapshot) -> list[str]:
+    keys = [k for k in EXPORT_KEYS if k not in MOUNTED_ONLY or snapshot.state is State.MOUNTED]
+    return full(tuple(keys))
+
+
+def render_root(version: str, pid: int) -> Mapping[str, str]:
+    return {"version": version, "pid": str(pid)}
+
+
+def render_export(
+    snapshot: ExportSnapshot, read_only: bool, open_volumes: list[str]
+) -> dict[str, str]:
+    return {
+        "state": snapshot.state.value,
+        "source": snapshot.source,
+        "fstype": snapshot.fstype,
+        "holders": str(snapshot.holders),
+        "mount_count": str(snapshot.mount_count),
+        "last_error": snapshot.last_error,
+        "open_volumes": ",".join(sorted(open_volumes)),
+        "backing_path": str(snapshot.target),
+        "read_only": "1" if read_only else "0",
+    }
+
+
+def render_volume(
+    snapshot: ExportSnapshot, name: str, openers: list[Opener]
+) -> dict[str, str]:
+    unique = sorted({(o.pid, o.comm) for o in openers})
+    return {
+        "export": snapshot.name,
+        "source": snapshot.source,
+        "backing_path": str(snapshot.target / name),
+        "open_count": str(len(openers)),
+        "openers": ",".join(f"{pid}:{comm}" for pid, comm in unique),
+    }

@@ -1,0 +1,96 @@
+"""Domain errors of fusemux, each carrying the errno an engine replies with.
+
+This module owns the single mapping from failures to errnos (:func:`errno_of`). Engines call
+it at their edge and never pick an errno themselves. Where the choice is not obvious, the
+class says why.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class FusemuxError(Exception):
+    """Base class: a failure that maps to one errno for the caller."""
+
+    errno: int = errno.EIO
+
+    def __init__(self, message: str, err: int | None = None) -> None:
+        super().__init__(message)
+        if err is not None:
+            self.errno = err
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NotFound(FusemuxError):
+    errno = errno.ENOENT
+
+
+class NamespaceReadOnly(FusemuxError):
+    """create/unlink/rename/mkdir and friends: the storage side owns the namespace.
+
+    EPERM rather than EROFS, because the volumes themselves stay writable; EROFS would tell
+    qemu and admins that the whole filesystem is read-only.
+    """
+
+    errno = errno.EPERM
+
+
+class ReadOnlyExport(FusemuxError):
+    """A write open, a write or a size change on an export configured ``read_only``."""
+
+    errno = errno.EROFS
+
+
+class NoSuchAttribute(FusemuxError):
+    """An xattr name fusemux does not answer (``ENODATA``, which is ``ENOATTR`` on Linux)."""
+
+    errno = errno.ENODATA
+
+
+class XattrReadOnly(FusemuxError):
+    """setxattr/removexattr of a ``user.fusemux.*`` key: the keys are read-only views."""
+
+    errno = errno.EPERM
+
+
+class XattrNotSupported(FusemuxError):
+    """setxattr of a key outside ``user.fusemux.*``: fusemux stores no xattrs of its own."""
+
+    errno = errno.ENOTSUP
+
+
+class MountError(FusemuxError):
+    """mount(8) failed; the errno is derived from its message (see mounter.mount_errno)."""
+
+    errno = errno.EIO
+
+
+class MountTimeout(MountError):
+    errno = errno.ETIMEDOUT
+
+
+class UnmountError(FusemuxError):
+    errno = errno.EBUSY
+
+
+class BadHandle(FusemuxError):
+    errno = errno.EBADF
+
+
+class ShuttingDown(FusemuxError):
+    """The daemon is stopping; new opens are refused so that every export can be unmounted."""
+
+    errno = errno.ESHUTDOWN
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno to reply with for an expected failure, or EIO for anything else."""
+    if isinstance(exc, FusemuxError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

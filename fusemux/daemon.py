@@ -19,6 +19,7 @@ import ctypes.util
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -75,11 +76,10 @@ def clear_stale_backing_mounts(config: Config) -> None:
                 umount2(entry.mountpoint, MNT_DETACH)
 
 
-async def _watch_signals(stop: trio.CancelScope, terminate: object) -> None:
+async def _watch_signals(terminate: Callable[[], None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s, shutting down", signal.Signals(signum).name)
-            assert callable(terminate)
             terminate()
             return
 
@@ -99,7 +99,7 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: 
         )
         unmounted = False
         try:
-            nursery.start_soon(_watch_signals, nursery.cancel_scope, engine.terminate)
+            nursery.start_soon(_watch_signals, engine.terminate)
             await engine.serve()
             log.info("FUSE session ended")
             open_now = fs.open_volumes()

@@ -93,6 +93,10 @@ class Export:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def mounted(self) -> bool:
+        return self.state is State.MOUNTED
+
     def backing_path(self, name: str) -> Path:
         return self.target / name
 
@@ -141,7 +145,7 @@ class ExportManager:
                 return export  # fast path: no lock needed to join a mounted export
             seen_attempts = export.attempts
             async with export.lock:
-                if export.state is State.MOUNTED:
+                if export.mounted:  # mounted by the holder we queued behind
                     return export
                 if export.state is State.FAILED and export.attempts != seen_attempts:
                     # A mount attempt failed while we queued for the lock: share its result.

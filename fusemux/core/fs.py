@@ -38,7 +38,7 @@ from fusemux.core import xattrs
 from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.mounter import Mounter
-from fusemux.core.namespace import ROOT_INO, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
+from fusemux.core.namespace import VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
 from fusemux.core.namespace import visible_volume_name as _visible
 from fusemux.errors import (
     FusemuxError,
@@ -430,9 +430,12 @@ class FileSystem:
 
     # -- namespace changes -------------------------------------------------------------
 
-    def refuse_namespace_change(self, op: str) -> None:
-        """create, mknod, mkdir, unlink, rmdir, rename, link, symlink: the storage owns it."""
-        raise NamespaceReadOnly(f"{op} is not allowed: the storage side owns the namespace")
+    def refuse_namespace_change(self, op: str) -> NamespaceReadOnly:
+        """create, mknod, mkdir, unlink, rmdir, rename, link, symlink: the storage owns it.
+
+        Returns the error for the engine to raise.
+        """
+        return NamespaceReadOnly(f"{op} is not allowed: the storage side owns the namespace")
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -121,7 +121,8 @@ def mount_errno(message: str) -> int:
         (("connection refused",), errno.ECONNREFUSED),
         (("no route to host", "network is unreachable"), errno.EHOSTUNREACH),
         (("timed out",), errno.ETIMEDOUT),
-        (("does not exist", "no such file or directory", "can't find"), errno.ENOENT),
+        # ENXIO rather than ENOENT: the volume exists, its export's source does not.
+        (("does not exist", "no such file or directory", "can't find"), errno.ENXIO),
     )
     for markers, err in table:
         if any(m in text for m in markers):
@@ -139,10 +140,8 @@ class Mounter(Protocol):
 
 async def _kill_group(process: trio.Process) -> None:
     """deliver_cancel for run_process: end the whole process group, not just its leader."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 async def run_helper(argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:

@@ -69,9 +69,7 @@ def render_export(
     }
 
 
-def render_volume(
-    snapshot: ExportSnapshot, name: str, openers: list[Opener]
-) -> dict[str, str]:
+def render_volume(snapshot: ExportSnapshot, name: str, openers: list[Opener]) -> dict[str, str]:
     unique = sorted({(o.pid, o.comm) for o in openers})
     return {
         "export": snapshot.name,

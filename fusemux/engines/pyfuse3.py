@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,7 +33,7 @@ FUSE_OPTIONS = frozenset(
 )
 
 
-def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn core errors into FUSEError. Anything unexpected is logged with its traceback."""
 
     @wraps(fn)
@@ -212,36 +212,54 @@ class Operations(pyfuse3.Operations):
     # Namespace changes: refused, the storage side owns the namespace.
 
     @_errors
-    async def create(self, *args: Any) -> Any:
-        self.fs.refuse_namespace_change("create")
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise self.fs.refuse_namespace_change("create")
 
     @_errors
-    async def mknod(self, *args: Any) -> Any:
-        self.fs.refuse_namespace_change("mknod")
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise self.fs.refuse_namespace_change("mknod")
 
     @_errors
-    async def mkdir(self, *args: Any) -> Any:
-        self.fs.refuse_namespace_change("mkdir")
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise self.fs.refuse_namespace_change("mkdir")
 
     @_errors
-    async def unlink(self, *args: Any) -> None:
-        self.fs.refuse_namespace_change("unlink")
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self.fs.refuse_namespace_change("unlink")
 
     @_errors
-    async def rmdir(self, *args: Any) -> None:
-        self.fs.refuse_namespace_change("rmdir")
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self.fs.refuse_namespace_change("rmdir")
 
     @_errors
-    async def rename(self, *args: Any) -> None:
-        self.fs.refuse_namespace_change("rename")
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise self.fs.refuse_namespace_change("rename")
 
     @_errors
-    async def link(self, *args: Any) -> Any:
-        self.fs.refuse_namespace_change("link")
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise self.fs.refuse_namespace_change("link")
 
     @_errors
-    async def symlink(self, *args: Any) -> Any:
-        self.fs.refuse_namespace_change("symlink")
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise self.fs.refuse_namespace_change("symlink")
 
 
 def mount(fs: FileSystem, mountpoint: str, debug: bool = False) -> Operations:

@@ -29,7 +29,9 @@ lint: setup ## ruff and mypy
 	$(VENV)/bin/mypy
 
 bench: setup ## benchmarks (not part of the test run)
-	$(VENV)/bin/python -m pytest -p no:cacheprovider tests/bench -s
+	@if ls tests/bench/test_*.py >/dev/null 2>&1; then \
+		$(VENV)/bin/python -m pytest -p no:cacheprovider tests/bench -s; \
+	else echo "no benchmarks yet (tests/bench/README.md)"; fi
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

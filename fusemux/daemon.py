@@ -5,8 +5,8 @@ Order of events::
     checks (mountpoint, stale backing mounts) -> FUSE session init (mount appears)
     -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core)
     -> on SIGTERM/SIGINT/external unmount: engine stops
-    -> warn about open volumes -> close backing fds -> unmount backing mounts
-    -> close the FUSE session (unmount) -> exit 0
+    -> warn about open volumes -> close the FUSE session (unmount; no new requests)
+    -> close backing fds -> unmount backing mounts -> exit 0
 
 Concurrency: everything runs in the trio thread; the core offloads blocking calls.
 """
@@ -97,11 +97,11 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: 
             config.state_dir,
             config.linger,
         )
-        unmounted = False
+        nursery.start_soon(_watch_signals, engine.terminate)
         try:
-            nursery.start_soon(_watch_signals, engine.terminate)
             await engine.serve()
             log.info("FUSE session ended")
+        finally:
             open_now = fs.open_volumes()
             if open_now:
                 log.warning(
@@ -109,13 +109,10 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: 
                     len(open_now),
                     ", ".join(open_now),
                 )
+            # No new requests from here on; then close backing fds and unmount exports.
             engine.close(unmount=True)
-            unmounted = True
             with trio.CancelScope(shield=True):
                 await fs.shutdown()
-        finally:
-            if not unmounted:
-                engine.close(unmount=True)
             nursery.cancel_scope.cancel()
 
 

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Worker threads per export for backing-file syscalls. A hung export can exhaust only its
 # own threads.
 THREADS_PER_EXPORT = 8
+# Minimum idle time after the last holder was a transient hold or a directory handle
+# (lookup, getattr, readdir). Without it, linger 0 would mount twice for every first open:
+# once for the kernel's LOOKUP and once for the OPEN that follows it.
+TRANSIENT_GRACE = 1.0
 # Delay before retrying an unmount that failed (EBUSY), doubled up to the maximum.
 UNMOUNT_RETRY_MIN = 1.0
 UNMOUNT_RETRY_MAX = 60.0
@@ -156,9 +160,13 @@ class ExportManager:
             self._drop(export)
             raise
 
-    def release(self, export: Export) -> None:
-        """Drop a holder; the last one schedules the unmount after the linger time."""
-        self._drop(export)
+    def release(self, export: Export, transient: bool = False) -> None:
+        """Drop a holder; the last one schedules the unmount after the linger time.
+
+        *transient* marks holds that are not open files (lookups, stats, directory handles):
+        when one of those is the last to go, the export waits at least TRANSIENT_GRACE.
+        """
+        self._drop(export, transient)
 
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[Export]:
@@ -167,15 +175,34 @@ class ExportManager:
         try:
             yield export
         finally:
-            self.release(export)
+            self.release(export, transient=True)
 
-    def _drop(self, export: Export) -> None:
+    @asynccontextmanager
+    async def hold_if_mounted(self, name: str) -> AsyncIterator[Export | None]:
+        """A transient hold only if the export is mounted now (never mounts); else None.
+
+        Used by statfs and the capacity xattrs: they must not mount anything, and the export
+        must not be unmounted under their statvfs.
+        """
+        export = self.get(name)
+        if export.state is not State.MOUNTED or self.closing:
+            yield None
+            return
+        export.holders += 1
+        self._cancel_linger(export)
+        try:
+            yield export
+        finally:
+            self._drop(export, transient=True)
+
+    def _drop(self, export: Export, transient: bool = False) -> None:
         if export.holders <= 0:
             log.error("export %s: release without a holder (bug)", export.name)
             return
         export.holders -= 1
         if export.holders == 0 and export.state is State.MOUNTED and not self.closing:
-            self._schedule_unmount(export, self.config.linger)
+            linger = self.config.linger
+            self._schedule_unmount(export, max(linger, TRANSIENT_GRACE) if transient else linger)
 
     # -- mounting ----------------------------------------------------------------------
 
@@ -199,7 +226,8 @@ class ExportManager:
             self._failed(export, message, e.errno or MountError.errno)
             raise MountError(message, e.errno) from None
         except BaseException:
-            # Cancelled mid-mount (shutdown): the mounter has already cleared a half mount.
+            # Cancelled mid-mount (only at shutdown): the helper's process group was killed.
+            # Record what the kernel has; shutdown() unmounts whatever is mounted.
             export.state = State.MOUNTED if is_mounted(export.target) else State.UNMOUNTED
             raise
         export.attempts += 1

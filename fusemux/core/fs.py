@@ -332,17 +332,15 @@ class FileSystem:
     async def releasedir(self, fh: int) -> None:
         dh = self.handles.dirs.pop(fh, None)
         if dh is not None and dh.export is not None:
-            self.exports.release(dh.export)
+            self.exports.release(dh.export, transient=True)
 
     # -- filesystem ----------------------------------------------------------------------
 
     async def statfs(self, ctx: Ctx) -> StatFs:
         """The mount as a whole: the sum over exports that are mounted right now."""
         total = StatFs(bsize=BLOCK, blocks=0, bfree=0, bavail=0, files=0, ffree=0)
-        for export in self.exports.exports.values():
-            if export.state is not State.MOUNTED:
-                continue
-            st = await self._statvfs(export)
+        for name in self.exports.exports:
+            st = await self._statvfs(name)
             if st is None:
                 continue
             scale = st.f_frsize / BLOCK
@@ -356,17 +354,21 @@ class FileSystem:
             )
         return total
 
-    async def _statvfs(self, export: Export) -> os.statvfs_result | None:
-        with trio.move_on_after(STATVFS_TIMEOUT):
-            try:
-                return await trio.to_thread.run_sync(
-                    os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
-                )
-            except OSError as e:
-                log.warning("export %s: statvfs failed: %s", export.name, e)
+    async def _statvfs(self, name: str) -> os.statvfs_result | None:
+        """statvfs of a mounted export's backing filesystem; None if not mounted or sick."""
+        async with self.exports.hold_if_mounted(name) as export:
+            if export is None:
                 return None
-        log.warning("export %s: statvfs timed out", export.name)
-        return None
+            with trio.move_on_after(STATVFS_TIMEOUT):
+                try:
+                    return await trio.to_thread.run_sync(
+                        os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
+                    )
+                except OSError as e:
+                    log.warning("export %s: statvfs failed: %s", export.name, e)
+                    return None
+            log.warning("export %s: statvfs timed out", export.name)
+            return None
 
     # -- xattrs --------------------------------------------------------------------------
 
@@ -398,7 +400,7 @@ class FileSystem:
             if key in xattrs.MOUNTED_ONLY:
                 if snap.state is not State.MOUNTED:
                     raise NoSuchAttribute(name)
-                st = await self._statvfs(export)
+                st = await self._statvfs(node.export)
                 if st is None:
                     raise FusemuxError(f"statvfs of {export.target} failed", errno.EIO)
                 values = {

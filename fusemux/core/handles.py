@@ -26,8 +26,10 @@ from fusemux.core.exports import Export
 from fusemux.errors import BadHandle, NotFound
 
 _PAGE = mmap.PAGESIZE
-# Flags an application's open may carry that fusemux forwards to the backing open.
-_FORWARDED_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+# Flags an application's open may carry that fusemux forwards to the backing open. O_TRUNC
+# arrives here because libfuse negotiates atomic O_TRUNC: the kernel sends no separate
+# truncate for it.
+_FORWARDED_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC
 _BACKING_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -133,20 +135,18 @@ def _buffered_fd(handle: Handle) -> int:
 def read(handle: Handle, off: int, size: int) -> bytes:
     if not handle.direct:
         return os.pread(handle.fd, size, off)
-    buf = mmap.mmap(-1, _aligned(size))
-    try:
-        view = memoryview(buf)
-        try:
-            n = os.preadv(handle.fd, [view[: _aligned(size)]], off)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            return os.pread(_buffered_fd(handle), size, off)
-        data = bytes(view[: min(n, size)])
-        view.release()
-        return data
-    finally:
-        buf.close()
+    with mmap.mmap(-1, _aligned(size)) as buf:
+        with memoryview(buf) as view:
+            try:
+                n = os.preadv(handle.fd, [view], off)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                n = -1
+        if n >= 0:
+            return buf[: min(n, size)]
+    # Offset not aligned for this filesystem's O_DIRECT: read through the buffered fd.
+    return os.pread(_buffered_fd(handle), size, off)
 
 
 def write(handle: Handle, off: int, data: bytes) -> int:
@@ -154,19 +154,14 @@ def write(handle: Handle, off: int, data: bytes) -> int:
         return os.pwrite(handle.fd, data, off)
     size = len(data)
     if size % 512 == 0 and off % 512 == 0:
-        buf = mmap.mmap(-1, _aligned(size))
-        try:
+        with mmap.mmap(-1, _aligned(size)) as buf:
             buf.write(data)
-            view = memoryview(buf)
-            try:
-                return os.pwritev(handle.fd, [view[:size]], off)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-            finally:
-                view.release()
-        finally:
-            buf.close()
+            with memoryview(buf) as view, view[:size] as part:
+                try:
+                    return os.pwritev(handle.fd, [part], off)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
     # Not aligned for this filesystem: buffered write, made durable and evicted.
     fd = _buffered_fd(handle)
     n = os.pwrite(fd, data, off)

@@ -272,9 +272,14 @@ def mount(fs: FileSystem, mountpoint: str, debug: bool = False) -> Operations:
     return ops
 
 
+# pyfuse3 starts a worker task per concurrent request up to this many. Requests stuck on a
+# hung export each hold one, so the ceiling sits well above the per-export thread limits.
+MAX_TASKS = 512
+
+
 async def serve() -> None:
     """Serve requests until terminate() or an external unmount."""
-    await pyfuse3.main()
+    await pyfuse3.main(max_tasks=MAX_TASKS)
 
 
 def terminate() -> None:

@@ -1,0 +1,40 @@
+"""Tier (c) fixtures: a daemon per test, stopped, checked and cleaned up afterwards.
+
+The whole tier needs root (it mounts); it is skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mount.harness import Daemon
+
+if os.geteuid() != 0:
+    pytest.skip("tier (c) tests need root (mounts)", allow_module_level=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/mount/" in str(item.fspath):
+            item.add_marker(pytest.mark.mount)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon to configure and start; stopped, checked and cleaned up afterwards."""
+    d = Daemon(tmp_path)
+    try:
+        yield d
+        if d.proc is not None and d.proc.poll() is None:
+            rc = d.stop()
+            assert rc == 0, f"daemon exited {rc}:\n{d.log()}"
+        left = d.leftover_mounts()
+        assert not left, f"daemon left mounts behind: {left}"
+        bad = d.unexpected_log_lines()
+        assert not bad, "unexpected daemon log lines:\n" + "\n".join(bad)
+    finally:
+        d.cleanup()

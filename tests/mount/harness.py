@@ -1,0 +1,210 @@
+"""Tier (c) harness: the real daemon as a subprocess, over real kernel-mounted exports.
+
+Fixtures here build backing exports (bind mounts of directories, loop-mounted ext4 images),
+write a TOML config, start ``python -m fusemux serve`` and wait for its FUSE mount to appear
+in mountinfo. Teardown stops the daemon with SIGTERM, checks it exited 0 and left nothing
+mounted, fails the test on unexpected WARNING/ERROR lines or tracebacks in its log, and in
+``finally`` kills it by PID and detaches anything it left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll *cond* until it returns something truthy, or fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def mounted_at(path: str | Path) -> list[str]:
+    """fstypes mounted at *path*, by mountinfo (never stat()s a FUSE mountpoint)."""
+    target = os.path.abspath(path)
+    return [m.fstype for m in read_mountinfo() if m.mountpoint == target]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Daemon:
+    """One fusemux daemon under test."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.mnt = base / "mnt"
+        self.state = base / "state"
+        self.log_path = base / "daemon.log"
+        self.config_path = base / "fusemux.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exports: dict[str, dict[str, Any]] = {}
+        self.allowed_warnings: list[str] = []
+        self.mnt.mkdir(parents=True, exist_ok=True)
+
+    # -- configuration -------------------------------------------------------------
+
+    def write_config(self, linger: float = 0.0, mount_timeout: float = 10.0, **top: Any) -> None:
+        lines = [
+            f"state_dir = {toml_value(str(self.state))}",
+            f"linger = {linger!r}",
+            f"mount_timeout = {mount_timeout!r}",
+        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in top.items()]
+        for name, spec in self.exports.items():
+            lines.append(f"\n[exports.{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def add_bind_export(self, name: str, files: dict[str, bytes] | None = None) -> Path:
+        """A directory served through a bind mount; returns the directory (the backing)."""
+        src = self.base / "src" / name
+        src.mkdir(parents=True)
+        for fname, data in (files or {}).items():
+            (src / fname).write_bytes(data)
+        self.exports[name] = {"source": str(src), "fstype": "none", "options": "bind"}
+        return src
+
+    def add_ext4_export(self, name: str, files: dict[str, bytes] | None = None) -> Path:
+        """An ext4 image that fusemux mounts with -o loop; returns the image path."""
+        content = self.base / "content" / name
+        content.mkdir(parents=True)
+        for fname, data in (files or {}).items():
+            (content / fname).write_bytes(data)
+        image = self.base / f"{name}.img"
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", str(content), str(image), "32M"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self.exports[name] = {"source": str(image), "fstype": "ext4", "options": "loop"}
+        return image
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self, *extra: str) -> None:
+        if not self.config_path.exists():
+            self.write_config()
+        log = open(self.log_path, "ab")  # handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fusemux", "serve", str(self.mnt), "--config"]
+            + [str(self.config_path), "-v", *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{self.log()}")
+            return "fuse.fusemux" in mounted_at(self.mnt)
+
+        wait_for(up, 20, "the FUSE mount")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon did not stop in {timeout}s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def leftover_mounts(self) -> list[str]:
+        prefixes = (str(self.mnt), str(self.state) + "/")
+        return [
+            m.mountpoint
+            for m in read_mountinfo()
+            if m.mountpoint == str(self.mnt) or m.mountpoint.startswith(prefixes[1])
+        ]
+
+    def cleanup(self) -> None:
+        """Last resort, in finally: kill by PID and detach whatever is still mounted."""
+        self.kill()
+        for mnt in sorted(self.leftover_mounts(), key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                umount2(mnt, MNT_DETACH)
+        if not self.mnt.is_relative_to(self.base) and not self.leftover_mounts():
+            with contextlib.suppress(OSError):
+                self.mnt.rmdir()  # a mountpoint a test placed outside its tmp dir
+
+    def unexpected_log_lines(self) -> list[str]:
+        bad = []
+        for line in self.log().splitlines():
+            if (
+                "Traceback" in line
+                or " ERROR " in line
+                or " CRITICAL " in line
+                or " WARNING " in line
+                and not any(re.search(p, line) for p in self.allowed_warnings)
+            ):
+                bad.append(line)
+        return bad
+
+    # -- paths and state -----------------------------------------------------------
+
+    def volumes(self, export: str) -> Path:
+        return self.mnt / "volumes" / export
+
+    def volume(self, export: str, name: str) -> Path:
+        return self.mnt / "volumes" / export / name
+
+    def target(self, export: str) -> Path:
+        return self.state / "mnt" / export
+
+    def backing_mounted(self, export: str) -> bool:
+        return bool(mounted_at(self.target(export)))
+
+    def xattr(self, path: Path, key: str) -> str:
+        return os.getxattr(path, "user.fusemux." + key).decode()
+
+    def state_of(self, export: str) -> str:
+        return self.xattr(self.volumes(export), "state")
+
+    def wait_unmounted(self, export: str, timeout: float = 10.0) -> None:
+        wait_for(lambda: not self.backing_mounted(export), timeout, f"{export} to unmount")
+        wait_for(lambda: self.state_of(export) == "unmounted", timeout, f"{export} state")
+
+
+def run(*argv: str | Path, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing text output; with check, fail showing its output."""
+    result = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{argv} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+    return result

@@ -1,8 +1,10 @@
 """Session-wide guard: a test run that leaves a mount, loop device or process behind fails.
 
-At session start this records the mounts, attached loop devices and processes that already
-exist. At session end anything new is reported, cleaned up (by PID and by path, never by
-name) and the run's exit status is set to failure.
+At session end this looks for what this run may have created: processes descended from
+pytest, mounts under this session's temporary directories, and loop devices backed by files
+there. Anything found is reported, cleaned up (by PID and by path, never by name) and the
+run's exit status is set to failure. Mounts and devices of other sessions running at the same
+time are never touched.
 """
 
 from __future__ import annotations
@@ -18,19 +20,28 @@ import pytest
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 
 LOOP_CLR_FD = 0x4C01
-_baseline: dict[str, set[str] | set[int]] = {}
+# A world-traversable directory of this session, for mountpoints other users must reach
+# (pytest's own temporary directories are 0700).
+PUBLIC_DIR = Path(f"/tmp/fusemux-test-{os.getpid()}")
+_roots: list[str] = []
+
+
+def _ours(path: str) -> bool:
+    return any(path == r or path.startswith(r + "/") for r in _roots)
 
 
 def _mountpoints() -> set[str]:
-    return {m.mountpoint for m in read_mountinfo()}
+    return {m.mountpoint for m in read_mountinfo() if _ours(m.mountpoint)}
 
 
 def _loop_devices() -> set[str]:
     found = set()
     for dev in Path("/sys/block").glob("loop*"):
         backing = dev / "loop" / "backing_file"
-        if backing.exists():
-            found.add(f"/dev/{dev.name}={backing.read_text().strip()}")
+        with contextlib.suppress(OSError):
+            name = backing.read_text().strip()
+            if _ours(name):
+                found.add(f"/dev/{dev.name}={name}")
     return found
 
 
@@ -64,13 +75,13 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _baseline["mounts"] = _mountpoints()
-    _baseline["loops"] = _loop_devices()
+@pytest.fixture(scope="session", autouse=True)
+def _track_session_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _roots[:] = [str(tmp_path_factory.getbasetemp()), str(PUBLIC_DIR)]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not _baseline:
+    if not _roots:
         return
     leftovers: list[str] = []
     procs = _descendants(os.getpid())
@@ -78,13 +89,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         leftovers.append(f"process {pid}: {_cmdline(pid)}")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    new_mounts = _mountpoints() - _baseline["mounts"]
-    for mnt in sorted(new_mounts, key=len, reverse=True):
+    for mnt in sorted(_mountpoints(), key=len, reverse=True):
         leftovers.append(f"mount {mnt}")
         with contextlib.suppress(OSError):
             umount2(mnt, MNT_DETACH)
-    new_loops = _loop_devices() - _baseline["loops"]
-    for loop in sorted(new_loops):
+    for loop in sorted(_loop_devices()):
         leftovers.append(f"loop device {loop}")
         dev = loop.split("=", 1)[0]
         with contextlib.suppress(OSError):
@@ -93,6 +102,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 fcntl.ioctl(fd, LOOP_CLR_FD)
             finally:
                 os.close(fd)
+    with contextlib.suppress(OSError):
+        for sub in PUBLIC_DIR.iterdir() if PUBLIC_DIR.exists() else []:
+            sub.rmdir()
+        PUBLIC_DIR.rmdir()
     if leftovers:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "the test run left these behind (cleaned up now):\n  " + "\n  ".join(leftovers)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PUBLIC_DIR
 from tests.mount.harness import Daemon, run, wait_for
 
 MiB = 1 << 20
@@ -213,7 +214,9 @@ def test_other_users_get_access_by_file_mode(daemon: Daemon) -> None:
     (src / "public").chmod(0o644)
     (src / "private").chmod(0o600)
     # pytest's tmp dirs are 0700: serve at a mountpoint other users can reach.
-    daemon.mnt = Path(tempfile.mkdtemp(prefix="fusemux-test-"))
+    PUBLIC_DIR.mkdir(mode=0o755, exist_ok=True)
+    PUBLIC_DIR.chmod(0o755)
+    daemon.mnt = Path(tempfile.mkdtemp(dir=PUBLIC_DIR))
     daemon.mnt.chmod(0o755)
     daemon.start()
     ok = as_nobody("cat", daemon.volume("gold", "public"))

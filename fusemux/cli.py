@@ -62,10 +62,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as e:
         print(f"fusemux: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:
-        # pyfuse3.init raises RuntimeError when the kernel refuses the FUSE mount.
-        print(f"fusemux: cannot mount {args.mountpoint}: {e}", file=sys.stderr)
-        return 1
 
 
 def _getx(path: str, key: str) -> str:

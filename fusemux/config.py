@@ -45,10 +45,11 @@ EXPORT_KEYS = frozenset({"source", "fstype", "options", "read_only"})
 
 # An export name is a directory name under /volumes: no slash, no leading dot, no control
 # characters, and short enough for NAME_MAX.
-_EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,254}$")
-_FSTYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+# All three are used with fullmatch, so a trailing newline never slips through.
+_EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,254}")
+_FSTYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # Cinder's own rule for a share address.
-_SHARE_RE = re.compile(r"^.+:/.+$")
+_SHARE_RE = re.compile(r".+:/.+")
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def parse_shares(path: Path, fstype: str) -> tuple[list[ExportConfig], list[str]
             continue
         address, _, rest = line.partition(" ")
         address = address.strip().replace("\\040", " ")
-        if not _SHARE_RE.match(address):
+        if not _SHARE_RE.fullmatch(address):
             problems.append(f"{where}: share {address!r} must be of the form address:/export")
             continue
         options: list[str] = []
@@ -202,8 +203,13 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
-        line = int(m.group(1)) if m else 1
-        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        if m:
+            line = int(m.group(1))
+        elif "end of document" in str(e):
+            line = max(1, len(text.splitlines()))
+        else:
+            line = 1
+        reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(e))
         raise ConfigError([f"{path}:{line}: TOML syntax error: {reason}"]) from None
     return _validate(path, text, data)
 
@@ -234,7 +240,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         mount_timeout = DEFAULT_MOUNT_TIMEOUT
 
     shares_fstype = data.get("shares_fstype", DEFAULT_FSTYPE)
-    if not isinstance(shares_fstype, str) or not _FSTYPE_RE.match(shares_fstype):
+    if not isinstance(shares_fstype, str) or not _FSTYPE_RE.fullmatch(shares_fstype):
         err("shares_fstype must be a filesystem type name such as 'nfs'", "shares_fstype")
         shares_fstype = DEFAULT_FSTYPE
 
@@ -292,7 +298,7 @@ def _validate_export(
     name: str, spec: Any, origin: str, err: Callable[..., None]
 ) -> ExportConfig | None:
     ok = True
-    if not _EXPORT_NAME_RE.match(name):
+    if not _EXPORT_NAME_RE.fullmatch(name):
         err(
             f"export name {name!r} is not a valid directory name "
             "(letters, digits, '_', '.', '+', '@', '-'; not starting with '.' or '-')"
@@ -309,7 +315,7 @@ def _validate_export(
         err(f"exports.{name}.source is required and must be a non-empty string", "source")
         ok = False
     fstype = spec.get("fstype", DEFAULT_FSTYPE)
-    if not isinstance(fstype, str) or not _FSTYPE_RE.match(fstype):
+    if not isinstance(fstype, str) or not _FSTYPE_RE.fullmatch(fstype):
         err(f"exports.{name}.fstype must be a filesystem type name such as 'nfs'", "fstype")
         ok = False
     options = spec.get("options", "")

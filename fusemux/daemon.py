@@ -87,9 +87,14 @@ async def _watch_signals(terminate: Callable[[], None]) -> None:
 async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: bool) -> None:
     from fusemux.engines import pyfuse3 as engine
 
-    async with trio.open_nursery() as nursery:
-        fs = FileSystem(config, mounter, nursery)
+    fs = FileSystem(config, mounter)
+    try:
         engine.mount(fs, mountpoint, debug=debug_fuse)
+    except RuntimeError as e:
+        # pyfuse3.init raises RuntimeError when the kernel refuses the FUSE mount.
+        raise StartupError(f"cannot mount {mountpoint}: {e}") from None
+    async with trio.open_nursery() as nursery:
+        fs.bind(nursery)
         log.info(
             "serving %d export(s) at %s (state_dir %s, linger %gs)",
             len(config.exports),

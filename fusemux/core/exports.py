@@ -120,10 +120,12 @@ class Export:
 class ExportManager:
     """Mounts exports on first acquire and unmounts them after the last release."""
 
-    def __init__(self, config: Config, mounter: Mounter, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, config: Config, mounter: Mounter, nursery: trio.Nursery | None = None
+    ) -> None:
         self.config = config
         self.mounter = mounter
-        self.nursery = nursery
+        self.nursery = nursery  # where linger tasks run; set before the first request
         self.exports: dict[str, Export] = {
             name: Export(cfg, config.mnt_dir / name) for name, cfg in config.exports.items()
         }
@@ -188,19 +190,26 @@ class ExportManager:
         if export.state is not State.MOUNTED or self.closing:
             yield None
             return
+        # A peek: it blocks an unmount while it runs but leaves a running linger alone, so
+        # polling `df` or `fusemux status` never keeps an idle export mounted.
         export.holders += 1
-        self._cancel_linger(export)
         try:
             yield export
         finally:
-            self._drop(export, transient=True)
+            export.holders -= 1
+            if export.holders == 0 and export.linger_scope is None:
+                self._drop_to_idle(export, transient=True)
 
     def _drop(self, export: Export, transient: bool = False) -> None:
         if export.holders <= 0:
             log.error("export %s: release without a holder (bug)", export.name)
             return
         export.holders -= 1
-        if export.holders == 0 and export.state is State.MOUNTED and not self.closing:
+        if export.holders == 0:
+            self._drop_to_idle(export, transient)
+
+    def _drop_to_idle(self, export: Export, transient: bool) -> None:
+        if export.state is State.MOUNTED and not self.closing:
             linger = self.config.linger
             self._schedule_unmount(export, max(linger, TRANSIENT_GRACE) if transient else linger)
 
@@ -255,6 +264,7 @@ class ExportManager:
         self._cancel_linger(export)
         scope = trio.CancelScope()
         export.linger_scope = scope
+        assert self.nursery is not None, "ExportManager used before it got a nursery"
         self.nursery.start_soon(self._linger_then_unmount, export, scope, delay)
 
     async def _linger_then_unmount(

@@ -37,6 +37,7 @@ from fusemux.core import handles as hio
 from fusemux.core import xattrs
 from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
+from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
 from fusemux.core.mounter import Mounter
 from fusemux.core.namespace import VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
 from fusemux.core.namespace import visible_volume_name as _visible
@@ -81,18 +82,6 @@ class Attr:
 
 
 @dataclass(frozen=True)
-class SetAttr:
-    """The attribute changes of a setattr request; None means unchanged."""
-
-    size: int | None = None
-    atime_ns: int | None = None
-    mtime_ns: int | None = None
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-
-
-@dataclass(frozen=True)
 class OpenReply:
     fh: int
     direct_io: bool
@@ -129,13 +118,19 @@ class Ctx:
 class FileSystem:
     """The operations of the fusemux mount."""
 
-    def __init__(self, config: Config, mounter: Mounter, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, config: Config, mounter: Mounter, nursery: trio.Nursery | None = None
+    ) -> None:
         self.config = config
         self.exports = ExportManager(config, mounter, nursery)
         self.namespace = Namespace(list(config.exports))
         self.handles = HandleTable()
         # Synthetic directories carry the daemon's start time.
         self._dir_time_ns = time.time_ns()
+
+    def bind(self, nursery: trio.Nursery) -> None:
+        """Give the core the nursery its linger tasks run in (before any request arrives)."""
+        self.exports.nursery = nursery
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -223,7 +218,8 @@ class FileSystem:
             if change.size is not None and export.config.read_only:
                 raise ReadOnlyExport(f"export {export.name} is read-only")
             path = export.backing_path(node.name)
-            await self._io(export, _apply_setattr, path, change, handle)
+            fd = handle.fd if handle is not None and handle.writable else None
+            await self._io(export, hio.setattr_backing, path, change, fd)
             st = await self._stat_volume(export, node.name)
         return self._volume_attr(node, st)
 
@@ -337,10 +333,20 @@ class FileSystem:
     # -- filesystem ----------------------------------------------------------------------
 
     async def statfs(self, ctx: Ctx) -> StatFs:
-        """The mount as a whole: the sum over exports that are mounted right now."""
+        """The mount as a whole: the sum over exports that are mounted right now.
+
+        The exports are asked concurrently, so a sick one costs at most STATVFS_TIMEOUT.
+        """
+        results: dict[str, os.statvfs_result | None] = {}
+
+        async def one(name: str) -> None:
+            results[name] = await self._statvfs(name)
+
+        async with trio.open_nursery() as nursery:
+            for name in self.exports.exports:
+                nursery.start_soon(one, name)
         total = StatFs(bsize=BLOCK, blocks=0, bfree=0, bavail=0, files=0, ffree=0)
-        for name in self.exports.exports:
-            st = await self._statvfs(name)
+        for st in results.values():
             if st is None:
                 continue
             scale = st.f_frsize / BLOCK
@@ -466,22 +472,3 @@ def _list_volumes(target: Path) -> dict[str, os.stat_result]:
             except FileNotFoundError:
                 continue  # removed while listing
     return out
-
-
-def _apply_setattr(path: Path, change: SetAttr, handle: Handle | None) -> None:
-    if change.size is not None:
-        if handle is not None and handle.writable:
-            os.ftruncate(handle.fd, change.size)
-        else:
-            os.truncate(path, change.size)
-    if change.mode is not None:
-        os.chmod(path, stat.S_IMODE(change.mode))
-    if change.uid is not None or change.gid is not None:
-        uid = -1 if change.uid is None else change.uid
-        gid = -1 if change.gid is None else change.gid
-        os.chown(path, uid, gid, follow_symlinks=False)
-    if change.atime_ns is not None or change.mtime_ns is not None:
-        st = os.lstat(path)
-        atime = st.st_atime_ns if change.atime_ns is None else change.atime_ns
-        mtime = st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns
-        os.utime(path, ns=(atime, mtime), follow_symlinks=False)

@@ -33,6 +33,18 @@ _FORWARDED_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NO
 _BACKING_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
 
+@dataclass(frozen=True)
+class SetAttr:
+    """The attribute changes of a setattr request; None means unchanged."""
+
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
 @dataclass
 class Handle:
     """One open file handle on a volume."""
@@ -99,26 +111,71 @@ class HandleTable:
 
 
 def open_backing(path: Path, flags: int) -> tuple[int, bool]:
-    """Open a backing volume file; returns (fd, direct). Refuses anything but a regular file."""
-    want = (flags & _FORWARDED_FLAGS) | _BACKING_FLAGS
+    """Open a backing volume file; returns (fd, direct). Refuses anything but a regular file.
+
+    O_NOFOLLOW refuses symlinks; O_NONBLOCK keeps a FIFO planted on the storage side from
+    blocking the worker thread before the type check (it is cleared again afterwards).
+    """
+    want = (flags & _FORWARDED_FLAGS) | _BACKING_FLAGS | os.O_NONBLOCK
     direct = bool(want & os.O_DIRECT)
     try:
-        fd = os.open(path, want)
+        fd = _open_regular(path, want)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise NotFound(f"{path.name} is not a regular file") from None
         if e.errno != errno.EINVAL or not direct:
             raise
         # The backing filesystem has no O_DIRECT: fall back to buffered I/O.
-        fd = os.open(path, want & ~os.O_DIRECT)
+        fd = _open_regular(path, want & ~os.O_DIRECT)
         direct = False
+    os.set_blocking(fd, True)
+    return fd, direct
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """os.open that only ever returns an fd on a regular file (never follows a symlink)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotFound(f"{path.name} is not a regular file") from None
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotFound(f"{path.name} is not a regular file")
     except BaseException:
         os.close(fd)
         raise
-    return fd, direct
+    return fd
+
+
+def setattr_backing(path: Path, change: SetAttr, fd: int | None) -> None:
+    """Apply a setattr to a backing file through fds opened without following symlinks.
+
+    *fd* is the writable backing fd of the handle the request came with, if any.
+    """
+    own = _open_regular(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if change.size is not None:
+            if fd is not None:
+                os.ftruncate(fd, change.size)
+            else:
+                wfd = _open_regular(path, os.O_WRONLY | os.O_NONBLOCK)
+                try:
+                    os.ftruncate(wfd, change.size)
+                finally:
+                    os.close(wfd)
+        if change.mode is not None:
+            os.fchmod(own, stat.S_IMODE(change.mode))
+        if change.uid is not None or change.gid is not None:
+            uid = -1 if change.uid is None else change.uid
+            gid = -1 if change.gid is None else change.gid
+            os.fchown(own, uid, gid)
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            st = os.fstat(own)
+            atime = st.st_atime_ns if change.atime_ns is None else change.atime_ns
+            mtime = st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns
+            os.utime(own, ns=(atime, mtime))
+    finally:
+        os.close(own)
 
 
 def _aligned(n: int) -> int:
@@ -127,8 +184,10 @@ def _aligned(n: int) -> int:
 
 def _buffered_fd(handle: Handle) -> int:
     if handle.buffered_fd is None:
-        flags = (handle.flags & (os.O_ACCMODE | os.O_NOATIME)) | _BACKING_FLAGS
-        handle.buffered_fd = os.open(handle.path, flags)
+        flags = (handle.flags & (os.O_ACCMODE | os.O_NOATIME)) | _BACKING_FLAGS | os.O_NONBLOCK
+        fd = _open_regular(handle.path, flags)
+        os.set_blocking(fd, True)
+        handle.buffered_fd = fd
     return handle.buffered_fd
 
 

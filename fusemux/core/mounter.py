@@ -138,24 +138,41 @@ class Mounter(Protocol):
     async def umount(self, target: Path, timeout: float) -> None: ...
 
 
-async def _kill_group(process: trio.Process) -> None:
-    """deliver_cancel for run_process: end the whole process group, not just its leader."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 async def run_helper(argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
-    """Run a helper command in its own session; raise trio.TooSlowError on timeout."""
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            argv,
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            deliver_cancel=_kill_group,
-        )
+    """Run a helper command in its own session; raise trio.TooSlowError on timeout.
+
+    On timeout (or cancellation) the whole process group is killed, even when its leader has
+    already exited and only a forked child is left holding the output pipes.
+    """
+    process = await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    out, err = bytearray(), bytearray()
+
+    async def drain(stream: trio.abc.ReceiveStream | None, buf: bytearray) -> None:
+        assert stream is not None
+        async with stream:
+            async for chunk in stream:
+                buf += chunk
+
+    try:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain, process.stdout, out)
+                nursery.start_soon(drain, process.stderr, err)
+                await process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        raise
+    code = process.returncode if process.returncode is not None else -1
+    return subprocess.CompletedProcess(argv, code, bytes(out), bytes(err))
 
 
 def _message(result: subprocess.CompletedProcess[bytes]) -> str:

@@ -21,7 +21,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from fusemux.core.fs import Attr, Ctx, FileSystem, SetAttr
+from fusemux.core.fs import Attr, Ctx, FileSystem
+from fusemux.core.handles import SetAttr
 from fusemux.errors import FusemuxError, errno_of
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,26 @@ class Operations(pyfuse3.Operations):
         raise self.fs.refuse_namespace_change("symlink")
 
 
+class _AbortedReplyFilter(logging.Filter):
+    """Demote pyfuse3's "fuse_reply_* failed with No such file or directory" to DEBUG.
+
+    libfuse reports ENOENT from a reply when the kernel no longer waits for that request:
+    it was interrupted, or the connection went away at unmount while a RELEASE was in flight.
+    Nothing is lost and nothing needs an operator, so it is not an error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "fuse_reply_* failed with No such file" in (
+            record.getMessage()
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+        return True
+
+
 def mount(fs: FileSystem, mountpoint: str, debug: bool = False) -> Operations:
     """Create the FUSE session on *mountpoint* (fstype ``fuse.fusemux``)."""
+    logging.getLogger("pyfuse3").addFilter(_AbortedReplyFilter())
     ops = Operations(fs)
     options = set(FUSE_OPTIONS)
     if debug:

@@ -433,12 +433,6 @@ async def test_setattr_of_directories_is_refused(env: Env) -> None:
         assert await errno_raised(env.fs.setattr(ino, SetAttr(mode=0o777), None, ME)) == errno.EPERM
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fs._apply_setattr runs os.truncate(path) and os.chmod(path) (both follow "
-    "symlinks) before _stat_volume checks the backing file: a volume replaced by a symlink "
-    "on the storage side makes the root daemon truncate/chmod the symlink's target",
-)
 async def test_setattr_does_not_follow_a_symlinked_volume(env: Env, tmp_path: Path) -> None:
     ino = await env.volume("gold", "vm2.qcow2")
     victim = tmp_path / "victim"  # outside every export

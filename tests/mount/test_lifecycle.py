@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -257,6 +258,7 @@ def test_external_unmount_stops_daemon_cleanly(daemon: Daemon) -> None:
     with open(daemon.volume("gold", "a"), "rb"):
         pass
     assert daemon.backing_mounted("gold")
+    # Unmounting right after a close races the RELEASE: the daemon must take that in stride.
     run("fusermount3", "-u", daemon.mnt)
     assert daemon.proc is not None
     assert daemon.proc.wait(30) == 0
@@ -279,3 +281,18 @@ def test_refuses_a_mountpoint_that_already_has_fusemux(daemon: Daemon) -> None:
     assert second.returncode == 1
     assert "already has a fusemux mount" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_sigint_stops_cleanly_like_sigterm(daemon: Daemon) -> None:
+    daemon.add_bind_export("gold", {"a": VOL})
+    daemon.write_config(linger=30)
+    daemon.start()
+    with open(daemon.volume("gold", "a"), "rb") as f:
+        assert f.read() == VOL
+    wait_for(lambda: daemon.xattr(daemon.volumes("gold"), "holders") == "0", 5, "release")
+    assert daemon.backing_mounted("gold")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(30) == 0
+    assert daemon.leftover_mounts() == []
+    assert "received SIGINT" in daemon.log()

@@ -206,11 +206,6 @@ def test_good_export_names(tmp_path: Path, name: str) -> None:
     assert list(cfg.exports) == [name]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config._EXPORT_NAME_RE ends in '$', which also matches before a trailing newline, "
-    "and is used with re.match: an export name 'ok\\n' is accepted",
-)
 def test_export_name_with_trailing_newline_is_rejected(tmp_path: Path) -> None:
     cfg_path = write(tmp_path / "f.toml", '[exports."ok\\n"]\nsource = "h:/x"\n')
     problems = problems_of(cfg_path)
@@ -272,11 +267,6 @@ def test_toml_syntax_error_on_a_later_line(tmp_path: Path) -> None:
     assert problem.startswith(f"{cfg_path}:3: TOML syntax error: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_config only parses '(at line N, column M)'; tomllib says '(at end of "
-    "document)' for an error at EOF, so the problem is reported on line 1",
-)
 def test_toml_syntax_error_at_end_of_file_names_the_last_line(tmp_path: Path) -> None:
     cfg_path = write(tmp_path / "f.toml", 'linger = 1\nstate_dir = "/x"\nmount_timeout =')
     (problem,) = problems_of(cfg_path)

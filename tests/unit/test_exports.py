@@ -601,7 +601,27 @@ async def test_hold_if_mounted_never_mounts(
             pass
 
 
-async def test_hold_if_mounted_keeps_a_lingering_export_mounted(
+async def test_hold_if_mounted_does_not_restart_the_linger(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, autojump_clock: object
+) -> None:
+    manager, fake, _ = setup(tmp_path, nursery, monkeypatch, linger=2.0)
+    export = await manager.acquire("alpha")
+    manager.release(export)
+    released = trio.current_time()
+    await trio.sleep(1.5)
+    async with manager.hold_if_mounted("alpha") as got:  # a quick statvfs (df, status)
+        assert got is export and export.holders == 1
+        assert export.linger_scope is not None  # the pending unmount is left running
+        await trio.sleep(0.1)
+    assert export.holders == 0
+    await trio.sleep(released + 2.0 - 0.01 - trio.current_time())
+    assert export.mounted
+    await trio.sleep(0.02)
+    # Unmounted on the original schedule: polling never keeps an idle export mounted.
+    assert state_of(export) is State.UNMOUNTED and fake.mount_count() == 1
+
+
+async def test_hold_if_mounted_blocks_an_unmount_while_it_runs(
     tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, autojump_clock: object
 ) -> None:
     manager, fake, _ = setup(tmp_path, nursery, monkeypatch, linger=2.0)
@@ -609,11 +629,11 @@ async def test_hold_if_mounted_keeps_a_lingering_export_mounted(
     manager.release(export)
     await trio.sleep(1.5)
     async with manager.hold_if_mounted("alpha") as got:
-        assert got is export and export.holders == 1
-        assert export.linger_scope is None  # the pending unmount was cancelled
-        await trio.sleep(10)  # a slow statvfs
+        assert got is export
+        await trio.sleep(10)  # a slow statvfs outlives the linger
         assert export.mounted and fake.umount_calls == []
     assert export.holders == 0
+    # The linger expired under the hold, so a fresh one starts when the hold ends.
     await trio.sleep(2.0 - 0.01)
     assert export.mounted
     await trio.sleep(0.02)

@@ -168,11 +168,6 @@ def test_open_fifo_read_write_is_not_found(tmp_path: Path) -> None:
     assert open_fds() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open_backing opens without O_NONBLOCK and checks S_ISREG only afterwards: a "
-    "read-only open of a FIFO blocks the worker thread until a writer appears",
-)
 def test_open_fifo_read_only_does_not_block(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

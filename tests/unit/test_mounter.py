@@ -201,12 +201,6 @@ async def test_run_helper_timeout_kills_the_whole_process_group(tmp_path: Path) 
                 _kill([int(f.read_text())])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_helper relies on run_process's deliver_cancel, which only runs while the "
-    "leader is alive: a helper that forks and exits while its child keeps stdout/stderr open "
-    "times out but the child (same process group) survives",
-)
 async def test_run_helper_timeout_kills_a_group_whose_leader_already_exited(
     tmp_path: Path,
 ) -> None:

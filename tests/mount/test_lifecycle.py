@@ -79,7 +79,7 @@ def test_unmount_after_last_close_not_before(daemon: Daemon) -> None:
 
 def test_linger_keeps_mount_and_reopen_cancels_unmount(daemon: Daemon) -> None:
     daemon.add_bind_export("gold", {"a": VOL})
-    daemon.write_config(linger=2.0)
+    daemon.write_config(linger=4.0)
     daemon.start()
     vol = daemon.volume("gold", "a")
     with open(vol, "rb"):
@@ -90,7 +90,7 @@ def test_linger_keeps_mount_and_reopen_cancels_unmount(daemon: Daemon) -> None:
     # Re-open inside the linger: the pending unmount is cancelled.
     time.sleep(1.0)
     with open(vol, "rb") as f:
-        assert stays(lambda: daemon.backing_mounted("gold"), 2.5)
+        assert stays(lambda: daemon.backing_mounted("gold"), 4.5)
         assert f.read(11) == b"volume-data"
     assert daemon.xattr(daemon.volumes("gold"), "mount_count") == "1"
     # After the last close, the linger runs out and the export goes.

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from fusemux import __version__
-from fusemux.config import ConfigError, load_config
+from fusemux.config import Config, ConfigError, load_config
 
 PREFIX = "user.fusemux."
 log = logging.getLogger("fusemux")
@@ -33,12 +33,19 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _load(path: str) -> Config | None:
+    """The config at *path*, or None after printing every problem as FILE:LINE: reason."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
         return 2
     print(f"{args.config}: OK, {len(config.exports)} export(s)")
     for name, export in config.exports.items():
@@ -51,11 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fusemux.daemon import StartupError, run
 
     _setup_logging(args.verbose)
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
+    config = _load(args.config)
+    if config is None:
         return 2
     try:
         return run(config, args.mountpoint, debug_fuse=args.debug_fuse)

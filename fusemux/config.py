@@ -88,8 +88,14 @@ class ConfigError(Exception):
     """Every problem found in a configuration, each formatted ``FILE:LINE: reason``."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = sorted(problems, key=_file_line)  # stable: same-line problems keep order
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+def _file_line(problem: str) -> tuple[str, int]:
+    m = re.match(r"(.*?):(\d+): ", problem)
+    return (m.group(1), int(m.group(2))) if m else (problem, 0)
 
 
 def share_export_name(address: str) -> str:

@@ -238,13 +238,14 @@ source = "h:/hidden"
 read_only = 1
 """,
     )
+    # Reported in line order.
     assert problems_of(cfg_path) == [
-        f"{cfg_path}:4: unknown key 'colour'",
         f"{cfg_path}:1: state_dir must be an absolute path string",
         f"{cfg_path}:2: linger must be a number of seconds >= 0",
         f"{cfg_path}:3: mount_timeout must be a number of seconds > 0",
-        f"{cfg_path}:11: unknown key 'optoins' in exports.bad",
+        f"{cfg_path}:4: unknown key 'colour'",
         f"{cfg_path}:9: exports.bad.source is required and must be a non-empty string",
+        f"{cfg_path}:11: unknown key 'optoins' in exports.bad",
         f"{cfg_path}:13: export name '.hidden' is not a valid directory name "
         "(letters, digits, '_', '.', '+', '@', '-'; not starting with '.' or '-')",
         f"{cfg_path}:15: exports..hidden.read_only must be true or false",
@@ -469,8 +470,8 @@ def test_cli_check_bad_file(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         f"{cfg_path}:1: linger must be a number of seconds >= 0",
-        f"{cfg_path}:3: unknown key 'sourc' in exports.a",
         f"{cfg_path}:2: exports.a.source is required and must be a non-empty string",
+        f"{cfg_path}:3: unknown key 'sourc' in exports.a",
     ]
     assert result.stdout == ""
 

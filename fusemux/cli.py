@@ -1,4 +1,4 @@
-"""The ``fusemux`` command line: serve, status, check and demo.
+"""The ``fusemux`` command line: serve, status, check, mount, unmount and demo.
 
 This module owns argument parsing, exit codes and what an operator reads on the terminal.
 ``status`` is a thin client over the ``user.fusemux.*`` xattrs of a running mount; it never
@@ -12,6 +12,7 @@ fusemux mount), 2 bad configuration or usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -62,7 +63,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     try:
-        return run(config, args.mountpoint, debug_fuse=args.debug_fuse)
+        return run(
+            config,
+            args.mountpoint,
+            debug_fuse=args.debug_fuse,
+            force=args.force,
+            config_path=args.config,
+        )
     except StartupError as e:
         print(f"fusemux: {e}", file=sys.stderr)
         return 1
@@ -148,6 +155,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """``fusemux mount|unmount MOUNTPOINT EXPORT``: one setxattr of user.fusemux.ctl."""
+    path = os.path.join(os.path.abspath(args.mountpoint), "volumes", args.export)
+    try:
+        os.setxattr(path, PREFIX + "ctl", args.verb.encode())
+    except OSError as e:
+        reason = {
+            errno.EBUSY: "it has other holders, or its backing mount is busy",
+            errno.EPERM: "only root may do that",
+            errno.ENOENT: "no such export, or not a fusemux mount",
+        }.get(e.errno or 0, "")
+        detail = f" ({reason})" if reason else ""
+        print(
+            f"fusemux: {args.verb} {args.export}: {e.strerror}{detail}",
+            file=sys.stderr,
+        )
+        return 1
+    state = _getx(path, "state")
+    print(f"{args.export}: {state}" + (" (pinned)" if _getx(path, "pinned") == "1" else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fusemux.demo import run_demo
 
@@ -168,7 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="stop on the first SIGTERM/SIGINT even while volumes are open",
+    )
     p.set_defaults(func=cmd_serve)
+
+    for verb, what in (
+        ("mount", "mount an export now and pin it"),
+        ("unmount", "unpin and unmount an export now"),
+    ):
+        p = sub.add_parser(verb, help=what + " (root; the user.fusemux.ctl xattr)")
+        p.add_argument("mountpoint")
+        p.add_argument("export")
+        p.set_defaults(func=cmd_ctl, verb=verb)
 
     p = sub.add_parser("status", help="show exports, states, holders and open volumes")
     p.add_argument("mountpoint")

@@ -2,9 +2,14 @@
 
 Order of events::
 
-    checks (mountpoint, stale backing mounts) -> FUSE session init (mount appears)
-    -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core)
-    -> on SIGTERM/SIGINT/external unmount: engine stops
+    checks (mountpoint; a stale FUSE mount of a dead daemon is detached; leftover backing
+    mounts of removed exports are unmounted) -> RLIMIT_NOFILE, PR_SET_IO_FLUSHER, pid file
+    -> FUSE session init (mount appears)
+    -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core);
+       backing mounts of configured exports left by a dead daemon are adopted
+    -> SIGHUP: reload the config (a bad one is rejected whole)
+    -> SIGTERM/SIGINT: stop, unless volumes are open: then refuse, log who holds what and
+       keep serving; a second signal (or ``--force``) stops anyway
     -> warn about open volumes -> close the FUSE session (unmount; no new requests)
     -> close backing fds -> unmount backing mounts -> exit 0
 
@@ -18,19 +23,25 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import signal
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from fusemux.config import Config
+from fusemux.config import Config, ConfigError, load_config
 from fusemux.core.fs import FileSystem
 from fusemux.core.mounter import MNT_DETACH, Mounter, SystemMounter, read_mountinfo, umount2
 
 log = logging.getLogger(__name__)
 FUSE_FSTYPE = "fuse.fusemux"
 PR_SET_IO_FLUSHER = 57
+PID_FILE = "fusemux.pid"
+# Open volumes need one backing fd each; a big host has thousands (plus dups for O_DIRECT).
+WANT_NOFILE = 1 << 20
 
 
 class StartupError(Exception):
@@ -44,49 +55,190 @@ def _set_io_flusher() -> None:
         log.debug("PR_SET_IO_FLUSHER not set: %s", os.strerror(ctypes.get_errno()))
 
 
-def check_mountpoint(mountpoint: str) -> None:
-    """Refuse a mountpoint that is not a directory or that already carries a fusemux mount.
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = WANT_NOFILE
+    with contextlib.suppress(OSError, ValueError):
+        want = min(want, int(Path("/proc/sys/fs/nr_open").read_text()))
+    for new in ((max(want, soft), max(want, hard)), (hard, hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, new)
+            break
+        except (OSError, ValueError):
+            continue
+    log.debug("RLIMIT_NOFILE is %s", resource.getrlimit(resource.RLIMIT_NOFILE))
 
-    mountinfo is compared as strings first: a stale FUSE mount must never be stat()ed.
+
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _serving_pid(target: str, state_dir: Path) -> int | None:
+    """The PID of a live fusemux daemon serving *target*, if any (never touches the mount).
+
+    The pid file of this state_dir is asked first, then every process whose command line is
+    ``... fusemux ... serve <target>``.
+    """
+    me = _ancestors(os.getpid())  # a sudo or shell wrapper of ours has the same args
+    candidates: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        candidates.append(int((state_dir / PID_FILE).read_text().split()[0]))
+    candidates += [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    for pid in candidates:
+        if pid in me:
+            continue
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        text = [os.fsdecode(a) for a in args if a]
+        if "serve" not in text or not any("fusemux" in a for a in text):
+            continue
+        if any(os.path.normpath(os.path.join(cwd, a)) == target for a in text):
+            return pid
+    return None
+
+
+def check_mountpoint(mountpoint: str, state_dir: Path) -> None:
+    """Refuse a mountpoint that is not a directory or that a live fusemux daemon serves.
+
+    A fusemux mount whose daemon is gone (kill -9) is stale: every access to it fails with
+    ENOTCONN. It is found in mountinfo and detached with umount2, never stat()ed (a stat of
+    a FUSE mount whose daemon is alive but stuck would block).
     """
     target = os.path.abspath(mountpoint)
     if any(m.mountpoint == target and m.fstype == FUSE_FSTYPE for m in read_mountinfo()):
-        raise StartupError(
-            f"{target} already has a fusemux mount; stop that daemon, or clear a stale one "
-            f"with 'fusermount3 -u {target}'"
-        )
+        pid = _serving_pid(target, state_dir)
+        if pid is not None:
+            raise StartupError(f"{target} is already served by fusemux (pid {pid})")
+        log.warning("%s: clearing the stale fusemux mount of a daemon that died", target)
+        try:
+            umount2(target, MNT_DETACH)
+        except OSError as e:
+            raise StartupError(f"cannot clear the stale mount at {target}: {e.strerror}") from None
     if not os.path.isdir(target):
         raise StartupError(f"mountpoint {target} is not a directory")
 
 
-def clear_stale_backing_mounts(config: Config) -> None:
-    """Unmount backing mounts left under <state_dir>/mnt by a daemon that died.
+def _umount_bounded(path: str, timeout: float) -> None:
+    """umount2(path) in a thread for at most *timeout* s; then (or if busy) detach lazily."""
+    result: list[BaseException | None] = []
 
-    No handle of this process can be on them yet, so a plain unmount is safe; if something
-    else keeps one busy, it is detached lazily rather than served twice.
+    def attempt() -> None:
+        try:
+            umount2(path, 0)
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    worker = threading.Thread(target=attempt, name="stale-umount", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if result and result[0] is None:
+        return
+    reason = "timed out" if not result else f"failed: {result[0]}"
+    log.warning("unmount of %s %s; detaching it lazily", path, reason)
+    with contextlib.suppress(OSError):
+        umount2(path, MNT_DETACH)
+
+
+def clear_stale_backing_mounts(config: Config) -> None:
+    """Unmount mounts under <state_dir>/mnt that belong to no configured export.
+
+    A dead daemon's backing mounts of *configured* exports are adopted instead (see
+    ExportManager.adopt_existing): they are idle and unmounted after the linger. No handle
+    of this process can be on the others, so each gets a bounded plain unmount and, if that
+    fails or hangs (a dead NFS server), a lazy detach.
     """
     prefix = str(config.mnt_dir) + "/"
-    stale = [m for m in read_mountinfo() if m.mountpoint.startswith(prefix)]
+    configured = {str(config.mnt_dir / name) for name in config.exports}
+    stale = [
+        m
+        for m in read_mountinfo()
+        if m.mountpoint.startswith(prefix) and m.mountpoint not in configured
+    ]
     for entry in sorted(stale, key=lambda m: -len(m.mountpoint)):
         log.warning("unmounting stale backing mount %s (%s)", entry.mountpoint, entry.source)
-        try:
-            umount2(entry.mountpoint, 0)
-        except OSError:
-            with contextlib.suppress(OSError):
-                umount2(entry.mountpoint, MNT_DETACH)
+        _umount_bounded(entry.mountpoint, config.mount_timeout)
 
 
-async def _watch_signals(terminate: Callable[[], None]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+@dataclass
+class Options:
+    """How ``serve`` was asked to behave."""
+
+    debug_fuse: bool = False
+    force: bool = False  # SIGTERM stops at once even with volumes open
+    config_path: str = ""  # re-read on SIGHUP
+
+
+async def _reload(fs: FileSystem, path: str) -> None:
+    if not path:
+        log.warning("SIGHUP: no config file to reload")
+        return
+    try:
+        new = await trio.to_thread.run_sync(load_config, path)
+    except ConfigError as e:
+        log.error(
+            "SIGHUP: %s rejected, still serving the old configuration:\n  %s",
+            path,
+            "\n  ".join(e.problems),
+        )
+        return
+    if new.state_dir != fs.config.state_dir:
+        log.error(
+            "SIGHUP: %s rejected, still serving the old configuration: state_dir cannot "
+            "change while running (%s -> %s); restart instead",
+            path,
+            fs.config.state_dir,
+            new.state_dir,
+        )
+        return
+    changes = fs.reload(new)
+    log.info(
+        "SIGHUP: reloaded %s (%d export(s))%s",
+        path,
+        len(new.exports),
+        "".join(f"\n  {c}" for c in changes) or "; nothing changed",
+    )
+
+
+async def _watch_signals(fs: FileSystem, options: Options, terminate: Callable[[], None]) -> None:
+    refused = False
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                await _reload(fs, options.config_path)
+                continue
+            users = fs.users()
+            if users and not options.force and not refused:
+                refused = True
+                log.warning(
+                    "received %s with %d volume(s) in use; NOT stopping (send the signal "
+                    "again, or run serve with --force, to stop anyway): %s",
+                    name,
+                    len(users),
+                    "; ".join(users),
+                )
+                continue
+            log.info("received %s, shutting down", name)
             terminate()
             return
 
 
-async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: bool) -> None:
+async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Options) -> None:
     from fusemux.engines import pyfuse3 as engine
 
+    debug_fuse = options.debug_fuse
     fs = FileSystem(config, mounter)
     try:
         engine.mount(fs, mountpoint, debug=debug_fuse)
@@ -102,7 +254,7 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: 
             config.state_dir,
             config.linger,
         )
-        nursery.start_soon(_watch_signals, engine.terminate)
+        nursery.start_soon(_watch_signals, fs, options, engine.terminate)
         try:
             await engine.serve()
             log.info("FUSE session ended")
@@ -121,16 +273,32 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, debug_fuse: 
             nursery.cancel_scope.cancel()
 
 
-def run(config: Config, mountpoint: str, debug_fuse: bool = False) -> int:
+def run(
+    config: Config,
+    mountpoint: str,
+    debug_fuse: bool = False,
+    force: bool = False,
+    config_path: str = "",
+) -> int:
     """Serve *config* at *mountpoint* until SIGTERM/SIGINT or an external unmount."""
     mountpoint = os.path.abspath(mountpoint)
-    check_mountpoint(mountpoint)
+    options = Options(debug_fuse=debug_fuse, force=force, config_path=config_path)
+    check_mountpoint(mountpoint, config.state_dir)
     try:
         Path(config.mnt_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise StartupError(f"cannot create {config.mnt_dir}: {e.strerror}") from None
     clear_stale_backing_mounts(config)
     _set_io_flusher()
-    trio.run(_serve, config, mountpoint, SystemMounter(), debug_fuse)
+    _raise_nofile()
+    pid_file = config.state_dir / PID_FILE
+    with contextlib.suppress(OSError):
+        pid_file.write_text(f"{os.getpid()} {mountpoint}\n")
+    try:
+        trio.run(_serve, config, mountpoint, SystemMounter(), options)
+    finally:
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().split()[0] == str(os.getpid()):
+                pid_file.unlink()
     log.info("stopped cleanly")
     return 0

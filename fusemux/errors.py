@@ -77,6 +77,24 @@ class UnmountError(FusemuxError):
     errno = errno.EBUSY
 
 
+class Busy(FusemuxError):
+    """An admin request that would take something away from another holder."""
+
+    errno = errno.EBUSY
+
+
+class InvalidRequest(FusemuxError):
+    """A control value fusemux does not understand."""
+
+    errno = errno.EINVAL
+
+
+class NotPermitted(FusemuxError):
+    """A control request from a caller other than root."""
+
+    errno = errno.EPERM
+
+
 class BadHandle(FusemuxError):
     errno = errno.EBADF
 

@@ -21,7 +21,14 @@ Concurrency rules (trio, single thread):
   unmount. A new holder during the linger cancels the task (it is shielded only once it holds
   the lock and has started the unmount).
 * Callers queued behind a mount attempt that failed get that attempt's error instead of
-  starting one mount each (a mount storm against a dead server).
+  starting one mount each (a mount storm against a dead server). After a failure, new
+  acquires within a backoff window (1 s, doubling per consecutive failure up to 10 s) get the
+  same error at once; the first acquire after the window retries. An admin's ``pin`` (the
+  ``ctl`` xattr) skips the window.
+* A pin is a holder like an open file, owned by the admin instead of a process.
+* A config reload never touches a mounted export's options: a changed export takes its new
+  config at its next mount; a removed export keeps serving its holders and disappears once
+  it is idle and unmounted.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +45,7 @@ import trio
 
 from fusemux.config import Config, ExportConfig
 from fusemux.core.mounter import MNT_DETACH, Mounter, is_mounted, umount2
-from fusemux.errors import FusemuxError, MountError, NotFound, ShuttingDown
+from fusemux.errors import Busy, FusemuxError, MountError, NotFound, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,10 @@ TRANSIENT_GRACE = 1.0
 # Delay before retrying an unmount that failed (EBUSY), doubled up to the maximum.
 UNMOUNT_RETRY_MIN = 1.0
 UNMOUNT_RETRY_MAX = 60.0
+# Against mount storms: after a failed mount, acquires fail fast with the same error until
+# the backoff has passed (doubled per consecutive failure, capped).
+MOUNT_BACKOFF_MIN = 1.0
+MOUNT_BACKOFF_MAX = 10.0
 
 
 class State(enum.StrEnum):
@@ -74,6 +85,9 @@ class ExportSnapshot:
     mount_count: int
     last_error: str
     target: Path
+    pinned: bool = False
+    retry_in: float = 0.0  # seconds until a failed export may be mounted again
+    removed: bool = False  # dropped from the config; disappears once idle
 
 
 class Export:
@@ -92,6 +106,11 @@ class Export:
         self.linger_scope: trio.CancelScope | None = None
         self.last_errno = 0
         self.unmount_retry = UNMOUNT_RETRY_MIN
+        self.failures = 0  # consecutive failed mounts
+        self.retry_at = 0.0  # trio time before which acquires fail fast after a failure
+        self.pinned = False  # an admin pin (ctl=mount) is one of the holders
+        self.next_config: ExportConfig | None = None  # applied at the next mount
+        self.removed = False  # dropped from the config by a reload
 
     @property
     def name(self) -> str:
@@ -114,7 +133,19 @@ class Export:
             mount_count=self.mount_count,
             last_error=self.last_error,
             target=self.target,
+            pinned=self.pinned,
+            retry_in=self._retry_in(),
+            removed=self.removed,
         )
+
+    def _retry_in(self) -> float:
+        if self.state is not State.FAILED:
+            return 0.0
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio (a snapshot taken by a test)
+            return 0.0
+        return max(0.0, self.retry_at - now)
 
 
 class ExportManager:
@@ -130,6 +161,8 @@ class ExportManager:
             name: Export(cfg, config.mnt_dir / name) for name, cfg in config.exports.items()
         }
         self.closing = False
+        # Called with an export's name when a removed export has gone idle and is dropped.
+        self.on_removed: Callable[[str], None] = lambda name: None
 
     def get(self, name: str) -> Export:
         try:
@@ -139,11 +172,17 @@ class ExportManager:
 
     # -- holding -----------------------------------------------------------------------
 
-    async def acquire(self, name: str) -> Export:
-        """Add a holder, mounting the export first if needed. Raises MountError on failure."""
+    async def acquire(self, name: str, retry_now: bool = False) -> Export:
+        """Add a holder, mounting the export first if needed. Raises MountError on failure.
+
+        Within the backoff window after a failed mount the failure is repeated at once,
+        unless *retry_now* (an admin's explicit mount request).
+        """
         export = self.get(name)
         if self.closing:
             raise ShuttingDown("fusemux is shutting down")
+        if export.state is State.FAILED and not retry_now and trio.current_time() < export.retry_at:
+            raise MountError(export.last_error, export.last_errno)
         export.holders += 1
         self._cancel_linger(export)
         try:
@@ -209,7 +248,12 @@ class ExportManager:
             self._drop_to_idle(export, transient)
 
     def _drop_to_idle(self, export: Export, transient: bool) -> None:
-        if export.state is State.MOUNTED and not self.closing:
+        if self.closing:
+            return
+        if export.removed:
+            # Dropped from the config: no linger; unmount (if mounted) and forget it.
+            self._schedule_unmount(export, 0.0)
+        elif export.state is State.MOUNTED:
             linger = self.config.linger
             self._schedule_unmount(export, max(linger, TRANSIENT_GRACE) if transient else linger)
 
@@ -217,6 +261,9 @@ class ExportManager:
 
     async def _mount(self, export: Export) -> None:
         """Mount under the lock. On failure: state failed, last_error set, error raised."""
+        if export.next_config is not None:
+            log.info("export %s: applying its new configuration", export.name)
+            export.config, export.next_config = export.next_config, None
         export.state = State.MOUNTING
         try:
             await trio.to_thread.run_sync(
@@ -244,6 +291,7 @@ class ExportManager:
         export.mount_count += 1
         export.last_error = ""
         export.unmount_retry = UNMOUNT_RETRY_MIN
+        export.failures = 0
         log.info("export %s: mounted %s at %s", export.name, export.config.source, export.target)
 
     def _failed(self, export: Export, message: str, err: int) -> None:
@@ -251,7 +299,16 @@ class ExportManager:
         export.state = State.FAILED
         export.last_error = f"mount failed: {message}"
         export.last_errno = err
-        log.warning("export %s: mount of %s failed: %s", export.name, export.config.source, message)
+        backoff = min(MOUNT_BACKOFF_MIN * 2**export.failures, MOUNT_BACKOFF_MAX)
+        export.failures += 1
+        export.retry_at = trio.current_time() + backoff
+        log.warning(
+            "export %s: mount of %s failed: %s (next attempt allowed in %gs)",
+            export.name,
+            export.config.source,
+            message,
+            backoff,
+        )
 
     # -- unmounting --------------------------------------------------------------------
 
@@ -276,13 +333,19 @@ class ExportManager:
             async with export.lock:
                 if export.linger_scope is scope:
                     export.linger_scope = None
-                if export.holders or export.state is not State.MOUNTED or self.closing:
+                if export.holders or self.closing:
                     return
-                with trio.CancelScope(shield=True):
-                    await self._unmount(export)
+                if export.state is State.MOUNTED:
+                    with trio.CancelScope(shield=True):
+                        await self._unmount(export)
+                if export.removed and export.state is not State.MOUNTED:
+                    self._forget(export)
 
-    async def _unmount(self, export: Export) -> None:
-        """Unmount under the lock with holders == 0. A busy unmount is retried later."""
+    async def _unmount(self, export: Export) -> bool:
+        """Unmount under the lock with holders == 0. A busy unmount is retried later.
+
+        Returns whether the export is unmounted now.
+        """
         export.state = State.UNMOUNTING
         try:
             await self.mounter.umount(export.target, self.config.mount_timeout)
@@ -296,11 +359,127 @@ class ExportManager:
             )
             if not self.closing:
                 self._schedule_unmount(export, retry)
-            return
+            return False
         export.state = State.UNMOUNTED
         export.last_error = ""
         export.unmount_retry = UNMOUNT_RETRY_MIN
         log.info("export %s: unmounted %s", export.name, export.target)
+        return True
+
+    # -- admin control (the ctl xattr) ---------------------------------------------------
+
+    async def pin(self, name: str) -> Export:
+        """Mount *name* now (skipping a failure backoff) and keep it mounted until unpinned.
+
+        The pin is one holder. Pinning a pinned export changes nothing.
+        """
+        export = await self.acquire(name, retry_now=True)
+        if export.pinned:
+            self._drop(export)  # already pinned: give back the holder we just took
+        else:
+            export.pinned = True
+            log.info("export %s: pinned by the admin", export.name)
+        return export
+
+    async def unpin(self, name: str) -> None:
+        """Remove the admin's pin and unmount now. EBUSY, changing nothing, if anything else
+        holds the export; EBUSY also if the backing mount itself is busy (retried later)."""
+        export = self.get(name)
+        others = export.holders - (1 if export.pinned else 0)
+        if others > 0:
+            raise Busy(f"export {name} has {others} other holder(s); nothing changed")
+        async with export.lock:
+            others = export.holders - (1 if export.pinned else 0)
+            if others > 0:
+                raise Busy(f"export {name} has {others} other holder(s); nothing changed")
+            if export.pinned:
+                export.pinned = False
+                export.holders -= 1
+                log.info("export %s: unpinned by the admin", export.name)
+            self._cancel_linger(export)
+            if export.state is State.MOUNTED and not self.closing:
+                with trio.CancelScope(shield=True):
+                    unmounted = await self._unmount(export)
+                if not unmounted:
+                    raise Busy(f"export {name}: {export.last_error}; retried later")
+            if export.removed and export.state is not State.MOUNTED:
+                self._forget(export)
+
+    # -- configuration reload ------------------------------------------------------------
+
+    def reload(self, config: Config) -> list[str]:
+        """Adopt a new (already validated) config; returns one line per change.
+
+        Added exports appear at once. A changed export takes its new options at its next
+        mount (at once if it is not mounted). A removed export keeps serving its holders,
+        loses its pin, and disappears once idle and unmounted.
+        """
+        changes: list[str] = []
+        old = self.exports
+        for name, cfg in config.exports.items():
+            export = old.get(name)
+            if export is None:
+                self.exports[name] = Export(cfg, config.mnt_dir / name)
+                changes.append(f"export {name}: added")
+                continue
+            if export.removed:
+                export.removed = False
+                changes.append(f"export {name}: kept (it was being removed)")
+            if _same(export.config, cfg) and export.next_config is None:
+                continue
+            if _same(export.config, cfg):
+                export.next_config = None
+            elif export.state in (State.UNMOUNTED, State.FAILED):
+                export.config = cfg
+                export.next_config = None
+                export.retry_at = 0.0  # a new config deserves a new attempt
+                changes.append(f"export {name}: changed")
+            else:
+                export.next_config = cfg
+                changes.append(f"export {name}: changed; applied at its next mount")
+        for name, export in list(old.items()):
+            if name in config.exports or export.removed:
+                continue
+            export.removed = True
+            if export.pinned:
+                export.pinned = False
+                self._drop(export)
+            if export.holders == 0:
+                self._drop_to_idle(export, transient=False)
+                changes.append(f"export {name}: removed")
+            else:
+                changes.append(
+                    f"export {name}: removed; it disappears once its {export.holders} "
+                    "holder(s) are gone"
+                )
+        self.config = config
+        return changes
+
+    def _forget(self, export: Export) -> None:
+        if self.exports.get(export.name) is export:
+            del self.exports[export.name]
+            log.info("export %s: removed from the configuration and now gone", export.name)
+            self.on_removed(export.name)
+
+    # -- restart ---------------------------------------------------------------------------
+
+    def adopt_existing(self) -> list[str]:
+        """Exports already mounted at their targets (a daemon died): adopt them as idle.
+
+        Each gets its linger and is then unmounted the normal way (busy: retried). Returns
+        the adopted names.
+        """
+        adopted = []
+        for export in self.exports.values():
+            if export.state is State.UNMOUNTED and is_mounted(export.target):
+                export.state = State.MOUNTED
+                export.mount_count += 1
+                adopted.append(export.name)
+                log.warning(
+                    "export %s: adopted the backing mount left at %s", export.name, export.target
+                )
+                self._drop_to_idle(export, transient=False)
+        return adopted
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -335,3 +514,13 @@ class ExportManager:
                 export.state = State.UNMOUNTED
             except OSError as e:
                 log.error("export %s: cannot detach %s: %s", export.name, export.target, e)
+
+
+def _same(a: ExportConfig, b: ExportConfig) -> bool:
+    """Whether two configs of an export mount the same thing the same way."""
+    return (a.source, a.fstype, a.options, a.read_only) == (
+        b.source,
+        b.fstype,
+        b.options,
+        b.read_only,
+    )

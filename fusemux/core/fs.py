@@ -19,6 +19,7 @@ export stalls only requests for that export.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -39,13 +40,15 @@ from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
 from fusemux.core.mounter import Mounter
-from fusemux.core.namespace import VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
+from fusemux.core.namespace import NAME_MAX, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
 from fusemux.core.namespace import visible_volume_name as _visible
 from fusemux.errors import (
     FusemuxError,
+    InvalidRequest,
     NamespaceReadOnly,
     NoSuchAttribute,
     NotFound,
+    NotPermitted,
     ReadOnlyExport,
     XattrNotSupported,
     XattrReadOnly,
@@ -124,13 +127,26 @@ class FileSystem:
         self.config = config
         self.exports = ExportManager(config, mounter, nursery)
         self.namespace = Namespace(list(config.exports))
+        self.exports.on_removed = self.namespace.remove_export
         self.handles = HandleTable()
         # Synthetic directories carry the daemon's start time.
         self._dir_time_ns = time.time_ns()
 
     def bind(self, nursery: trio.Nursery) -> None:
-        """Give the core the nursery its linger tasks run in (before any request arrives)."""
+        """Give the core the nursery its linger tasks run in (before any request arrives).
+
+        Backing mounts a dead daemon left at configured exports' targets are adopted here.
+        """
         self.exports.nursery = nursery
+        self.exports.adopt_existing()
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a validated new config (SIGHUP); returns the changes, one line each."""
+        for name in config.exports:
+            self.namespace.add_export(name)
+        changes = self.exports.reload(config)
+        self.config = config
+        return changes
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -140,9 +156,12 @@ class FileSystem:
 
     def _dir_attr(self, node: Node) -> Attr:
         now = self._dir_time_ns
+        # Export directories are sticky: with default_permissions the kernel then answers a
+        # non-root setxattr of user.fusemux.ctl with EPERM (not EACCES) before we see it.
+        perms = 0o1755 if node.kind is Kind.EXPORT else 0o755
         return Attr(
             ino=node.ino,
-            mode=stat.S_IFDIR | 0o755,
+            mode=stat.S_IFDIR | perms,
             nlink=2,
             uid=0,
             gid=0,
@@ -187,6 +206,8 @@ class FileSystem:
 
     async def lookup(self, parent: int, name: str, ctx: Ctx) -> Attr:
         node = self.namespace.node(parent)
+        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise FusemuxError(f"name longer than {NAME_MAX} bytes", errno.ENAMETOOLONG)
         if node.kind is Kind.ROOT:
             if name != VOLUMES_DIR:
                 raise NotFound(name)
@@ -340,7 +361,8 @@ class FileSystem:
         results: dict[str, os.statvfs_result | None] = {}
 
         async def one(name: str) -> None:
-            results[name] = await self._statvfs(name)
+            with contextlib.suppress(NotFound):  # removed by a reload meanwhile
+                results[name] = await self._statvfs(name)
 
         async with trio.open_nursery() as nursery:
             for name in self.exports.exports:
@@ -428,13 +450,43 @@ class FileSystem:
         return values[key].encode("utf-8", "surrogateescape")
 
     async def setxattr(self, ino: int, name: str, value: bytes, ctx: Ctx) -> None:
-        self.namespace.node(ino)
+        node = self.namespace.node(ino)
+        if name == xattrs.CTL and node.kind is Kind.EXPORT:
+            await self._control(node.export, value, ctx)
+            return
         if name.startswith(xattrs.PREFIX):
             raise XattrReadOnly(f"{name} is read-only")
         raise XattrNotSupported("fusemux stores no extended attributes")
 
+    async def _control(self, export: str, value: bytes, ctx: Ctx) -> None:
+        """``user.fusemux.ctl`` on an export directory: ``mount`` pins, ``unmount`` unpins."""
+        if ctx.uid != 0:
+            log.warning("export %s: ctl refused for uid %d (root only)", export, ctx.uid)
+            raise NotPermitted(f"only root may control export {export}")
+        try:
+            command = value.decode("ascii").strip()
+        except UnicodeDecodeError:
+            command = None
+        if command not in xattrs.CTL_COMMANDS:
+            shown = value[:64].decode("ascii", "backslashreplace")
+            log.warning(
+                "export %s: ctl value %r refused: expected one of %s",
+                export,
+                shown,
+                ", ".join(xattrs.CTL_COMMANDS),
+            )
+            raise InvalidRequest(f"unknown ctl value {shown!r}")
+        log.info("export %s: ctl %s", export, command)
+        if command == "mount":
+            await self.exports.pin(export)
+        else:
+            await self.exports.unpin(export)
+
     async def removexattr(self, ino: int, name: str, ctx: Ctx) -> None:
-        await self.setxattr(ino, name, b"", ctx)
+        self.namespace.node(ino)
+        if name.startswith(xattrs.PREFIX):
+            raise XattrReadOnly(f"{name} cannot be removed")
+        raise XattrNotSupported("fusemux stores no extended attributes")
 
     # -- namespace changes -------------------------------------------------------------
 
@@ -449,6 +501,14 @@ class FileSystem:
 
     def open_volumes(self) -> list[str]:
         return sorted({f"{h.export.name}/{h.name}" for h in self.handles.files.values()})
+
+    def users(self) -> list[str]:
+        """Who uses the mount now, one entry per open volume: ``export/name by pid:comm``."""
+        by_volume: dict[str, set[str]] = {}
+        for h in self.handles.files.values():
+            key = f"{h.export.name}/{h.name}"
+            by_volume.setdefault(key, set()).add(f"{h.opener_pid}:{h.opener_comm}")
+        return [f"{v} by {', '.join(sorted(o))}" for v, o in sorted(by_volume.items())]
 
     async def shutdown(self) -> None:
         """Close every backing fd, then unmount every backing mount."""

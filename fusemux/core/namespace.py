@@ -73,10 +73,23 @@ class Namespace:
         self._by_key: dict[tuple[str, str], int] = {}
         self.exports: dict[str, Node] = {}
         for name in sorted(export_names):
-            ino = self._allocate(name, "")
-            node = Node(ino, Kind.EXPORT, export=name)
-            self._by_ino[ino] = node
-            self.exports[name] = node
+            self.add_export(name)
+
+    def add_export(self, name: str) -> Node:
+        """The directory node of export *name*, created if new (a config reload adds one)."""
+        if name in self.exports:
+            return self.exports[name]
+        ino = self._allocate(name, "")
+        node = Node(ino, Kind.EXPORT, export=name)
+        self._by_ino[ino] = node
+        self.exports[name] = node
+        return node
+
+    def remove_export(self, name: str) -> None:
+        """Forget export *name* and its volumes: their inodes answer ENOENT from now on."""
+        self.exports.pop(name, None)
+        for key in [k for k in self._by_key if k[0] == name]:
+            self._by_ino.pop(self._by_key.pop(key), None)
 
     def _allocate(self, export: str, name: str) -> int:
         key = (export, name)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from fusemux.core.exports import ExportSnapshot, State
 
 PREFIX = "user.fusemux."
+# The one writable key: setxattr on an export directory, root only.
+CTL = PREFIX + "ctl"
+CTL_COMMANDS = ("mount", "unmount")
 
 # Contract keys first, then fusemux additions; listxattr returns them in this order.
 ROOT_KEYS = ("version", "pid")
@@ -28,6 +31,9 @@ EXPORT_KEYS = (
     "open_volumes",
     "backing_path",
     "read_only",
+    "pinned",
+    "retry_in",
+    "removed",
 )
 VOLUME_KEYS = ("export", "source", "backing_path", "open_count", "openers")
 # Present only while the export is mounted.
@@ -66,6 +72,9 @@ def render_export(
         "open_volumes": ",".join(sorted(open_volumes)),
         "backing_path": str(snapshot.target),
         "read_only": "1" if read_only else "0",
+        "pinned": "1" if snapshot.pinned else "0",
+        "retry_in": f"{snapshot.retry_in:.1f}" if snapshot.retry_in > 0 else "0",
+        "removed": "1" if snapshot.removed else "0",
     }
 
 

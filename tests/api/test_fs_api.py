@@ -160,9 +160,20 @@ async def test_lookup_of_non_volumes(env: Env, name: str) -> None:
     assert env.fs.exports.get("gold").holders == 0
 
 
-@pytest.mark.parametrize("name", [".hidden", "a/b", "x" * 256])
-async def test_lookup_of_invisible_names_does_not_mount(env: Env, name: str) -> None:
-    assert await errno_raised(env.fs.lookup(env.ino("gold"), name, ME)) == errno.ENOENT
+@pytest.mark.parametrize(
+    ("name", "err"),
+    [
+        (".hidden", errno.ENOENT),
+        ("..", errno.ENOENT),
+        ("a/b", errno.ENOENT),
+        ("../gold/vm1.raw", errno.ENOENT),
+        ("vm1.raw\0", errno.ENOENT),
+        ("x" * 256, errno.ENAMETOOLONG),
+    ],
+)
+async def test_lookup_of_invisible_names_does_not_mount(env: Env, name: str, err: int) -> None:
+    assert await errno_raised(env.fs.lookup(env.ino("gold"), name, ME)) == err
+    assert await errno_raised(env.fs.lookup(VOLUMES_INO, name, ME)) == err
     assert env.fake.mount_calls == []
 
 
@@ -282,6 +293,11 @@ async def test_open_on_a_failing_export(
     assert export.holders == 0 and export.state is State.FAILED
     assert env.fs.handles.files == {}
     env.fake.stop_failing()
+    # Within the backoff the failure repeats without a new mount attempt.
+    calls = len(env.fake.mount_calls)
+    assert await errno_raised(env.fs.open(ino, os.O_RDWR, ME)) == errno.ETIMEDOUT
+    assert len(env.fake.mount_calls) == calls
+    monkeypatch.setattr(export, "retry_at", 0.0)  # the backoff has passed
     reply = await env.fs.open(ino, os.O_RDWR, ME)  # retried
     assert export.mounted and export.holders == 1
     await env.fs.release(reply.fh)
@@ -487,6 +503,9 @@ EXPORT_KEYS = [
     "open_volumes",
     "backing_path",
     "read_only",
+    "pinned",
+    "retry_in",
+    "removed",
 ]
 P = "user.fusemux."
 
@@ -519,6 +538,9 @@ async def test_export_xattrs_while_unmounted_never_mount(env: Env) -> None:
         "open_volumes": "",
         "backing_path": str(env.target("gold")),
         "read_only": "0",
+        "pinned": "0",
+        "retry_in": "0",
+        "removed": "0",
     }
     for key in ("capacity", "free"):
         assert await errno_raised(env.fs.getxattr(ino, P + key, ME)) == errno.ENODATA

@@ -23,6 +23,8 @@ import trio.testing
 
 from fusemux.config import Config
 from fusemux.core.exports import (
+    MOUNT_BACKOFF_MAX,
+    MOUNT_BACKOFF_MIN,
     TRANSIENT_GRACE,
     UNMOUNT_RETRY_MAX,
     UNMOUNT_RETRY_MIN,
@@ -292,7 +294,12 @@ async def test_failed_mount(
         await manager.acquire("alpha")
     assert fake.mount_count() == 2
 
+    # Within the backoff window the failure repeats at once, without a mount attempt.
     fake.stop_failing()
+    with pytest.raises(MountError):
+        await manager.acquire("alpha")
+    assert fake.mount_count() == 2
+    await trio.sleep(MOUNT_BACKOFF_MAX)
     assert await manager.acquire("alpha") is export
     assert fake.mount_count() == 3
     assert state_of(export) is State.MOUNTED and export.last_error == ""
@@ -323,8 +330,9 @@ async def test_waiters_share_a_failing_mount(
     assert export.holders == 0 and state_of(export) is State.FAILED
     assert trio.current_time() == pytest.approx(5.0)  # nobody waited for a second attempt
 
-    # A new acquire after the failure retries.
+    # A new acquire after the failure (and its backoff) retries.
     fake.stop_failing()
+    await trio.sleep(MOUNT_BACKOFF_MIN)
     await manager.acquire("alpha")
     assert fake.mount_count() == 2 and export.mounted
 

@@ -52,7 +52,10 @@ def _set_io_flusher() -> None:
     # Memory reclaim must not wait on the daemon that serves the I/O it is trying to flush.
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.debug("PR_SET_IO_FLUSHER not set: %s", os.strerror(ctypes.get_errno()))
+        log.info(
+            "PR_SET_IO_FLUSHER not set (%s; it needs CAP_SYS_RESOURCE)",
+            os.strerror(ctypes.get_errno()),
+        )
 
 
 def _raise_nofile() -> None:
@@ -66,7 +69,9 @@ def _raise_nofile() -> None:
             break
         except (OSError, ValueError):
             continue
-    log.debug("RLIMIT_NOFILE is %s", resource.getrlimit(resource.RLIMIT_NOFILE))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    level = logging.DEBUG if soft >= want else logging.INFO
+    log.log(level, "RLIMIT_NOFILE is %d (wanted %d)", soft, want)
 
 
 def _ancestors(pid: int) -> set[int]:

@@ -226,18 +226,22 @@ def test_cinder_shares_file(daemon: Daemon) -> None:
     daemon.wait_unmounted(name)
 
 
-def test_sigterm_with_open_volume_unmounts_everything(daemon: Daemon) -> None:
+def test_second_sigterm_with_open_volume_unmounts_everything(daemon: Daemon) -> None:
     daemon.add_bind_export("gold", {"a": VOL})
     daemon.add_ext4_export("img", {"b": VOL})
     daemon.write_config(linger=30)
-    daemon.allowed_warnings = [r"still open: gold/a"]
+    daemon.allowed_warnings = [r"still open: gold/a", r"NOT stopping"]
     daemon.start()
     f = open(daemon.volume("gold", "a"), "rb")
     try:
         with open(daemon.volume("img", "b"), "rb"):
             pass
         assert daemon.backing_mounted("gold") and daemon.backing_mounted("img")
-        assert daemon.stop() == 0
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)  # refused: a volume is open
+        wait_for(lambda: "NOT stopping" in daemon.log(), 10, "the refusal")
+        assert daemon.proc.poll() is None
+        assert daemon.stop() == 0  # the second signal stops it
         # The holder's fd outlived the daemon: its I/O now fails instead of hanging.
         with pytest.raises(OSError) as exc:
             f.read()
@@ -279,7 +283,8 @@ def test_refuses_a_mountpoint_that_already_has_fusemux(daemon: Daemon) -> None:
         check=False,
     )
     assert second.returncode == 1
-    assert "already has a fusemux mount" in second.stderr
+    assert daemon.proc is not None
+    assert f"already served by fusemux (pid {daemon.proc.pid})" in second.stderr
     assert "Traceback" not in second.stderr
 
 

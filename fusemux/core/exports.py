@@ -366,6 +366,32 @@ class ExportManager:
         log.info("export %s: unmounted %s", export.name, export.target)
         return True
 
+    # -- a backing mount that vanished -----------------------------------------------------
+
+    async def recover(self, export: Export) -> bool:
+        """Remount *export* if it is ``mounted`` but its backing mount is gone.
+
+        Someone unmounted it from outside (``umount -l``). Handles opened before keep their
+        detached mount; new lookups and opens need the export mounted again. Returns whether
+        a new mount was made (the caller then retries once); raises MountError if it failed.
+        """
+        if export.state is not State.MOUNTED:
+            return False
+        if await trio.to_thread.run_sync(is_mounted, export.target):
+            return False
+        async with export.lock:
+            if export.state is not State.MOUNTED or is_mounted(export.target):
+                return export.state is State.MOUNTED
+            log.warning(
+                "export %s: the backing mount at %s vanished (unmounted from outside); "
+                "mounting it again",
+                export.name,
+                export.target,
+            )
+            export.state = State.UNMOUNTED
+            await self._mount(export)
+            return True
+
     # -- admin control (the ctl xattr) ---------------------------------------------------
 
     async def pin(self, name: str) -> Export:

@@ -64,6 +64,8 @@ VOLUME_TIMEOUT = 1.0
 # statvfs of a backing filesystem for xattrs/statfs must not hang an admin's getfattr.
 STATVFS_TIMEOUT = 5.0
 BLOCK = 4096
+# Errnos of a path lookup on a backing mount that may have been unmounted under us.
+_VANISHED = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTCONN})
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,20 @@ class FileSystem:
         return node
 
     async def _stat_volume(self, export: Export, name: str) -> os.stat_result:
-        st = await self._io(export, os.lstat, export.backing_path(name))
+        st = await self._backing(export, os.lstat, export.backing_path(name))
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(f"{name} is not a regular file")
         return st
+
+    async def _backing(self, export: Export, fn: Callable[..., T], *args: object) -> T:
+        """A path-based call on the backing mount; if the path is gone because the backing
+        mount itself vanished (unmounted from outside), mount it again and retry once."""
+        try:
+            return await self._io(export, fn, *args)
+        except OSError as e:
+            if e.errno not in _VANISHED or not await self.exports.recover(export):
+                raise
+        return await self._io(export, fn, *args)
 
     # -- lookup and attributes ---------------------------------------------------------
 
@@ -256,7 +268,7 @@ class FileSystem:
         export = await self.exports.acquire(node.export)
         try:
             path = export.backing_path(node.name)
-            fd, direct = await self._io(export, hio.open_backing, path, flags)
+            fd, direct = await self._backing(export, hio.open_backing, path, flags)
         except BaseException:
             self.exports.release(export)
             raise
@@ -330,6 +342,7 @@ class FileSystem:
         else:
             assert dh.export is not None
             if dh.entries is None or offset == 0:
+                await self.exports.recover(dh.export)  # an empty target if unmounted under us
                 listing = await self._io(dh.export, _list_volumes, dh.export.target)
                 dh.stats = listing
                 dh.entries = sorted(

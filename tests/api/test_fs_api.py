@@ -802,3 +802,23 @@ async def test_adapter_readdir_replies_until_the_buffer_is_full(
     await ops.readdir(fh, replies[-1][2], token)  # the kernel resumes after the last one
     assert [r[0] for r in replies] == [e.name.encode() for e in entries]
     await ops.releasedir(fh)
+
+
+async def test_backing_mount_that_vanished_is_mounted_again(env: Env) -> None:
+    ino = await env.volume("gold", "vm1.raw")
+    reply = await env.fs.open(ino, os.O_RDONLY, ME)
+    export = env.fs.exports.get("gold")
+    assert export.mount_count == 1
+    env.fake._take_down(env.target("gold").resolve())  # unmounted from outside (umount -l)
+    # The open handle keeps its file; a new lookup and open mount the export again.
+    assert await env.fs.read(reply.fh, 0, 4) == GOLD_FILES["vm1.raw"][:4]
+    attr = await env.fs.lookup(env.ino("gold"), "vm1.raw", ME)
+    assert attr.ino == ino
+    assert export.mount_count == 2 and export.mounted and export.holders == 1
+    second = await env.fs.open(ino, os.O_RDONLY, ME)
+    assert export.holders == 2
+    # A volume that really does not exist is still ENOENT, without another mount.
+    assert await errno_raised(env.fs.lookup(env.ino("gold"), "missing", ME)) == errno.ENOENT
+    assert export.mount_count == 2
+    await env.fs.release(second.fh)
+    await env.fs.release(reply.fh)

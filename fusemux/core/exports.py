@@ -111,6 +111,8 @@ class Export:
         self.pinned = False  # an admin pin (ctl=mount) is one of the holders
         self.next_config: ExportConfig | None = None  # applied at the next mount
         self.removed = False  # dropped from the config by a reload
+        self.inflight = 0  # requests in (or queued for) a worker thread on this export
+        self.saturated = False  # inflight hit the cap; new requests fail with EIO
 
     @property
     def name(self) -> str:

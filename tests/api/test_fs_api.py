@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ import pytest
 import trio
 
 import fusemux.core.exports as exports_mod
+import fusemux.core.fs as fs_mod
 from fusemux import __version__
 from fusemux.config import Config
+from fusemux.core import handles as hio
 from fusemux.core.exports import State
 from fusemux.core.fs import (
     BLOCK,
@@ -822,3 +825,41 @@ async def test_backing_mount_that_vanished_is_mounted_again(env: Env) -> None:
     assert export.mount_count == 2
     await env.fs.release(second.fh)
     await env.fs.release(reply.fh)
+
+
+async def test_a_hung_export_cannot_take_every_request_slot(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fs_mod, "MAX_INFLIGHT_PER_EXPORT", 4)
+    gold = await env.fs.open(await env.volume("gold", "vm1.raw"), os.O_RDONLY, ME)
+    silver = await env.fs.open(await env.volume("silver", "disk"), os.O_RDONLY, ME)
+    release = threading.Event()
+    real_read = hio.read
+
+    def hung_read(handle: Any, off: int, size: int) -> bytes:
+        if handle.export.name == "gold":
+            release.wait(10)
+        return real_read(handle, off, size)
+
+    monkeypatch.setattr(hio, "read", hung_read)
+    results: list[object] = []
+
+    async def reader() -> None:
+        try:
+            results.append(await env.fs.read(gold.fh, 0, 4))
+        except FusemuxError as e:
+            results.append(e.errno)
+
+    async with trio.open_nursery() as tasks:
+        for _ in range(4):
+            tasks.start_soon(reader)
+        await until(lambda: env.fs.exports.get("gold").inflight == 4)
+        # The fifth request for the hung export fails at once; other exports are served.
+        assert await errno_raised(env.fs.read(gold.fh, 0, 4)) == errno.EIO
+        assert await env.fs.read(silver.fh, 0, 6) == b"silver"
+        release.set()
+    assert results == [GOLD_FILES["vm1.raw"][:4]] * 4
+    assert env.fs.exports.get("gold").inflight == 0
+    assert await env.fs.read(gold.fh, 0, 4) == GOLD_FILES["vm1.raw"][:4]
+    await env.fs.release(gold.fh)
+    await env.fs.release(silver.fh)

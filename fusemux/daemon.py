@@ -26,6 +26,7 @@ import trio
 
 from fusemux.config import Config
 from fusemux.core.fs import FileSystem
+from fusemux.core.mappings import cleanup_leftover_mappings
 from fusemux.core.mounter import MNT_DETACH, Mounter, SystemMounter, read_mountinfo, umount2
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def run(config: Config, mountpoint: str, debug_fuse: bool = False) -> int:
         Path(config.mnt_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise StartupError(f"cannot create {config.mnt_dir}: {e.strerror}") from None
+    cleanup_leftover_mappings(config)  # loop devices keep stale backing mounts busy
     clear_stale_backing_mounts(config)
     _set_io_flusher()
     trio.run(_serve, config, mountpoint, SystemMounter(), debug_fuse)

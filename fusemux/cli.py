@@ -1,9 +1,9 @@
-"""The ``fusemux`` command line: serve, status, check, mount, unmount and demo.
+"""The ``fusemux`` command line: serve, status, check, mount, unmount, map, unmap and demo.
 
 This module owns argument parsing, exit codes and what an operator reads on the terminal.
-``status`` is a thin client over the ``user.fusemux.*`` xattrs of a running mount; it never
-talks to the daemon any other way. Expected failures print one line and exit non-zero,
-without a traceback.
+``status``, ``map`` and ``unmap`` are thin clients over the ``user.fusemux.*`` xattrs of a
+running mount; they never talk to the daemon any other way. Expected failures print one
+line and exit non-zero, without a traceback.
 
 Exit codes: 0 success, 1 the operation failed (for example a mountpoint that is not a
 fusemux mount), 2 bad configuration or usage.
@@ -114,8 +114,21 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
             info["open_volumes"].append(
                 {"name": vol, "open_count": int(count or 0), "openers": openers}
             )
+        mapped = [v for v in info.pop("mapped_volumes", "").split(",") if v]
+        info["mappings"] = [_mapping_of(os.path.join(path, vol), vol) for vol in mapped]
         status["exports"].append(info)
     return status
+
+
+def _mapping_of(vpath: str, name: str) -> dict[str, Any]:
+    value = _getx(vpath, "mapping")
+    pid = _getx(vpath, "mapping_pid")
+    return {
+        "name": name,
+        "options": _getx(vpath, "mapping_options"),
+        "mapping": [v for v in value.split(",") if v],
+        "pid": int(pid) if pid.isdigit() else None,
+    }
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -139,6 +152,11 @@ def _print_status(status: dict[str, Any]) -> None:
         for v in e["open_volumes"]:
             openers = ", ".join(v["openers"]) or "-"
             print(f"open: {e['name']}/{v['name']} x{v['open_count']} by {openers}")
+    for e in status["exports"]:
+        for m in e.get("mappings", []):
+            pid = f" (qemu-nbd pid {m['pid']})" if m["pid"] else ""
+            devices = " ".join(m["mapping"]) or "-"
+            print(f"mapped: {e['name']}/{m['name']} {m['options']} -> {devices}{pid}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -174,6 +192,34 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         return 1
     state = _getx(path, "state")
     print(f"{args.export}: {state}" + (" (pinned)" if _getx(path, "pinned") == "1" else ""))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """Request a mapping through ``user.fusemux.map`` and print what it got."""
+    value = args.kind + (",ro" if args.ro else "") + (",partitions" if args.partitions else "")
+    try:
+        os.setxattr(args.path, PREFIX + "map", value.encode())
+        mapping = os.getxattr(args.path, PREFIX + "mapping").decode("utf-8", "surrogateescape")
+    except OSError as e:
+        print(f"fusemux: map {args.path}: {e.strerror}", file=sys.stderr)
+        return 1
+    for item in mapping.split(","):
+        print(item)
+    return 0
+
+
+def cmd_unmap(args: argparse.Namespace) -> int:
+    """End a mapping through ``user.fusemux.unmap``; prints what was unmapped."""
+    try:
+        mapping = os.getxattr(args.path, PREFIX + "mapping").decode("utf-8", "surrogateescape")
+        os.setxattr(args.path, PREFIX + "unmap", b"")
+    except OSError as e:
+        print(f"fusemux: unmap {args.path}: {e.strerror}", file=sys.stderr)
+        return 1
+    for item in mapping.split(","):
+        if item:
+            print(item)
     return 0
 
 
@@ -221,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a configuration file")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("map", help="map a volume to a loop device or an NBD URI (root)")
+    p.add_argument("path", help="MOUNTPOINT/volumes/EXPORT/VOLUME")
+    p.add_argument("--kind", choices=("loop", "nbd", "auto"), default="auto")
+    p.add_argument("--ro", action="store_true", help="read-only mapping")
+    p.add_argument("--partitions", action="store_true", help="loop: add partition devices")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("unmap", help="end the mapping of a volume (root)")
+    p.add_argument("path", help="MOUNTPOINT/volumes/EXPORT/VOLUME")
+    p.set_defaults(func=cmd_unmap)
 
     p = sub.add_parser("demo", help="build the embedded demo area and serve it")
     p.add_argument("--dir", default="/var/tmp/fusemux-demo", help="where to build the demo")

@@ -34,6 +34,7 @@ import trio
 
 from fusemux.config import Config, ConfigError, load_config
 from fusemux.core.fs import FileSystem
+from fusemux.core.mappings import cleanup_leftover_mappings
 from fusemux.core.mounter import MNT_DETACH, Mounter, SystemMounter, read_mountinfo, umount2
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,15 @@ async def _watch_signals(fs: FileSystem, options: Options, terminate: Callable[[
                 await _reload(fs, options.config_path)
                 continue
             users = fs.users()
+            users += [
+                f"mapping {label} used by {', '.join(what)}"
+                for label, what in (await fs.mappings.in_use_details()).items()
+            ]
             if users and not options.force and not refused:
                 refused = True
                 log.warning(
-                    "received %s with %d volume(s) in use; NOT stopping (send the signal "
-                    "again, or run serve with --force, to stop anyway): %s",
+                    "received %s with %d open volume(s) or mapping(s) in use; NOT stopping "
+                    "(send the signal again, or run serve with --force, to stop anyway): %s",
                     name,
                     len(users),
                     "; ".join(users),
@@ -293,6 +298,7 @@ def run(
         Path(config.mnt_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise StartupError(f"cannot create {config.mnt_dir}: {e.strerror}") from None
+    cleanup_leftover_mappings(config)  # loop devices keep stale backing mounts busy
     clear_stale_backing_mounts(config)
     _set_io_flusher()
     _raise_nofile()

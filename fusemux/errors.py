@@ -105,6 +105,46 @@ class ShuttingDown(FusemuxError):
     errno = errno.ESHUTDOWN
 
 
+class MapNotPermitted(FusemuxError):
+    """A map or unmap request from a caller other than root (FUSE request uid != 0)."""
+
+    errno = errno.EPERM
+
+
+class BadMapRequest(FusemuxError):
+    """A ``user.fusemux.map``/``unmap`` value fusemux does not understand, or cannot serve."""
+
+    errno = errno.EINVAL
+
+
+class AlreadyMapped(FusemuxError):
+    """A map request for a volume that is mapped (or being mapped) already."""
+
+    errno = errno.EBUSY
+
+
+class NotMapped(FusemuxError):
+    """An unmap request for a volume that is not mapped.
+
+    ENXIO ("No such device or address"), as ``losetup -d`` reports for a loop device that is
+    not attached: the operator learns that nothing was there, and a script can ignore it.
+    """
+
+    errno = errno.ENXIO
+
+
+class MappingInUse(FusemuxError):
+    """An unmap of a device (or partition) that is mounted or held by another device."""
+
+    errno = errno.EBUSY
+
+
+class MappingFailed(FusemuxError):
+    """Setting up a mapping failed (qemu-nbd did not start, an ioctl failed)."""
+
+    errno = errno.EIO
+
+
 def errno_of(exc: BaseException) -> int:
     """The errno to reply with for an expected failure, or EIO for anything else."""
     if isinstance(exc, FusemuxError):

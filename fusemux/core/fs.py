@@ -39,12 +39,15 @@ from fusemux.core import xattrs
 from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
+from fusemux.core.images import ImageCache
+from fusemux.core.mappings import MappingManager, parse_request, parse_unmap
 from fusemux.core.mounter import Mounter
 from fusemux.core.namespace import NAME_MAX, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
 from fusemux.core.namespace import visible_volume_name as _visible
 from fusemux.errors import (
     FusemuxError,
     InvalidRequest,
+    MapNotPermitted,
     NamespaceReadOnly,
     NoSuchAttribute,
     NotFound,
@@ -134,6 +137,8 @@ class FileSystem:
         self.namespace = Namespace(list(config.exports))
         self.exports.on_removed = self.namespace.remove_export
         self.handles = HandleTable()
+        self.images = ImageCache()
+        self.mappings = MappingManager(config, self.exports, self.images)
         # Synthetic directories carry the daemon's start time.
         self._dir_time_ns = time.time_ns()
 
@@ -143,6 +148,7 @@ class FileSystem:
         Backing mounts a dead daemon left at configured exports' targets are adopted here.
         """
         self.exports.nursery = nursery
+        self.mappings.nursery = nursery  # qemu-nbd supervisors run there
         self.exports.adopt_existing()
 
     def reload(self, config: Config) -> list[str]:
@@ -476,7 +482,10 @@ class FileSystem:
                 }
             else:
                 values = xattrs.render_export(
-                    snap, export.config.read_only, self._open_volumes(node.export)
+                    snap,
+                    export.config.read_only,
+                    self._open_volumes(node.export),
+                    self.mappings.mapped_volumes(node.export),
                 )
         elif node.kind is Kind.VOLUME:
             snap = self.exports.get(node.export).snapshot()
@@ -484,14 +493,46 @@ class FileSystem:
                 xattrs.Opener(h.opener_pid, h.opener_comm) for h in self.handles.for_inode(ino)
             ]
             values = xattrs.render_volume(snap, node.name, openers)
+            values.update(xattrs.render_mapping(self._mapping_view(node)))
+            if key in xattrs.IMAGE_KEYS:
+                # Read from the image's own header (cached against mtime and size).
+                async with self.exports.hold(node.export) as export:
+                    info = await self._io(export, self.images.info, export.target, node.name)
+                values.update(xattrs.render_image(info))
         if key not in values:
             raise NoSuchAttribute(name)
         return values[key].encode("utf-8", "surrogateescape")
+
+    def _mapping_view(self, node: Node) -> xattrs.MappingView:
+        mapping = self.mappings.get(node.export, node.name)
+        if mapping is None:
+            return xattrs.MappingView()
+        return xattrs.MappingView(mapping.value(), mapping.options(), mapping.pid())
+
+    async def _map_request(self, node: Node, key: str, value: bytes, ctx: Ctx) -> None:
+        """``user.fusemux.map`` / ``unmap`` on a volume: root only (the FUSE request's uid)."""
+        label = f"{node.export}/{node.name}"
+        try:
+            if ctx.uid != 0:
+                raise MapNotPermitted(f"{key} of {label} refused: uid {ctx.uid} is not root")
+            if key == xattrs.MAP_KEY:
+                request = parse_request(value)
+                await self.mappings.map(node.export, node.name, request)
+            else:
+                parse_unmap(value)
+                await self.mappings.unmap(node.export, node.name)
+        except FusemuxError as e:
+            log.info("%s request for %s refused: %s", key, label, e.message)
+            raise
 
     async def setxattr(self, ino: int, name: str, value: bytes, ctx: Ctx) -> None:
         node = self.namespace.node(ino)
         if name == xattrs.CTL and node.kind is Kind.EXPORT:
             await self._control(node.export, value, ctx)
+            return
+        key = name[len(xattrs.PREFIX) :] if name.startswith(xattrs.PREFIX) else ""
+        if node.kind is Kind.VOLUME and key in (xattrs.MAP_KEY, xattrs.UNMAP_KEY):
+            await self._map_request(node, key, value, ctx)
             return
         if name.startswith(xattrs.PREFIX):
             raise XattrReadOnly(f"{name} is read-only")
@@ -523,8 +564,8 @@ class FileSystem:
 
     async def removexattr(self, ino: int, name: str, ctx: Ctx) -> None:
         self.namespace.node(ino)
-        if name.startswith(xattrs.PREFIX):
-            raise XattrReadOnly(f"{name} cannot be removed")
+        if name.startswith(xattrs.PREFIX):  # also map/unmap: removing one requests nothing
+            raise XattrReadOnly(f"{name} is read-only")
         raise XattrNotSupported("fusemux stores no extended attributes")
 
     # -- namespace changes -------------------------------------------------------------
@@ -555,6 +596,7 @@ class FileSystem:
             await self.release(fh)
         for fh in list(self.handles.dirs):
             await self.releasedir(fh)
+        await self.mappings.shutdown()  # before the exports they hold are unmounted
         await self.exports.shutdown()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fusemux.core.exports import ExportSnapshot, State
+from fusemux.core.images import ImageInfo
 
 PREFIX = "user.fusemux."
 # The one writable key: setxattr on an export directory, root only.
@@ -34,10 +35,31 @@ EXPORT_KEYS = (
     "pinned",
     "retry_in",
     "removed",
+    "mapped_volumes",
 )
-VOLUME_KEYS = ("export", "source", "backing_path", "open_count", "openers")
+VOLUME_KEYS = (
+    "export",
+    "source",
+    "backing_path",
+    "open_count",
+    "openers",
+    "format",
+    "virtual_size",
+    "backing_file",
+    "chain",
+    "active_image",
+    "mapping",
+    "mapping_options",
+    "mapping_pid",
+)
 # Present only while the export is mounted.
 MOUNTED_ONLY = frozenset({"capacity", "free"})
+# Volume keys read from the image itself (images.py); only these need the backing file.
+IMAGE_KEYS = frozenset({"format", "virtual_size", "backing_file", "chain", "active_image"})
+# Volume keys written by an administrator (root only) to request or end a mapping. They are
+# not listed and cannot be read.
+MAP_KEY = "map"
+UNMAP_KEY = "unmap"
 
 
 @dataclass(frozen=True)
@@ -60,7 +82,10 @@ def render_root(version: str, pid: int) -> Mapping[str, str]:
 
 
 def render_export(
-    snapshot: ExportSnapshot, read_only: bool, open_volumes: list[str]
+    snapshot: ExportSnapshot,
+    read_only: bool,
+    open_volumes: list[str],
+    mapped_volumes: list[str] | None = None,
 ) -> dict[str, str]:
     return {
         "state": snapshot.state.value,
@@ -75,6 +100,7 @@ def render_export(
         "pinned": "1" if snapshot.pinned else "0",
         "retry_in": f"{snapshot.retry_in:.1f}" if snapshot.retry_in > 0 else "0",
         "removed": "1" if snapshot.removed else "0",
+        "mapped_volumes": ",".join(sorted(mapped_volumes or [])),
     }
 
 
@@ -86,4 +112,31 @@ def render_volume(snapshot: ExportSnapshot, name: str, openers: list[Opener]) ->
         "backing_path": str(snapshot.target / name),
         "open_count": str(len(openers)),
         "openers": ",".join(f"{pid}:{comm}" for pid, comm in unique),
+    }
+
+
+@dataclass(frozen=True)
+class MappingView:
+    """What the mapping keys of a volume show; all empty when it is not mapped."""
+
+    value: str = ""
+    options: str = ""
+    pid: int = 0
+
+
+def render_mapping(view: MappingView) -> dict[str, str]:
+    return {
+        "mapping": view.value,
+        "mapping_options": view.options,
+        "mapping_pid": str(view.pid) if view.pid else "",
+    }
+
+
+def render_image(info: ImageInfo) -> dict[str, str]:
+    return {
+        "format": info.format,
+        "virtual_size": str(info.virtual_size),
+        "backing_file": info.backing_file,
+        "chain": ",".join(info.chain),
+        "active_image": info.active_image,
     }

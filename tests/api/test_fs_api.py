@@ -509,6 +509,22 @@ EXPORT_KEYS = [
     "pinned",
     "retry_in",
     "removed",
+    "mapped_volumes",
+]
+VOLUME_KEYS = [
+    "export",
+    "source",
+    "backing_path",
+    "open_count",
+    "openers",
+    "format",
+    "virtual_size",
+    "backing_file",
+    "chain",
+    "active_image",
+    "mapping",
+    "mapping_options",
+    "mapping_pid",
 ]
 P = "user.fusemux."
 
@@ -544,6 +560,7 @@ async def test_export_xattrs_while_unmounted_never_mount(env: Env) -> None:
         "pinned": "0",
         "retry_in": "0",
         "removed": "0",
+        "mapped_volumes": "",
     }
     for key in ("capacity", "free"):
         assert await errno_raised(env.fs.getxattr(ino, P + key, ME)) == errno.ENODATA
@@ -584,15 +601,21 @@ async def test_export_xattrs_after_a_failed_mount(env: Env) -> None:
 
 async def test_volume_xattrs(env: Env) -> None:
     ino = await env.volume("gold", "vm1.raw")
-    assert await env.fs.listxattr(ino, ME) == [
-        P + k for k in ("export", "source", "backing_path", "open_count", "openers")
-    ]
+    assert await env.fs.listxattr(ino, ME) == [P + k for k in VOLUME_KEYS]
     assert await xattrs_of(env, ino) == {
         "export": "gold",
         "source": "server:/gold",
         "backing_path": str(env.target("gold") / "vm1.raw"),
         "open_count": "0",
         "openers": "",
+        "format": "raw",
+        "virtual_size": str(len(VM1)),
+        "backing_file": "",
+        "chain": "vm1.raw",
+        "active_image": "",
+        "mapping": "",
+        "mapping_options": "",
+        "mapping_pid": "",
     }
     fhs = [(await env.fs.open(ino, os.O_RDONLY, ME)).fh for _ in range(2)]
     values = await xattrs_of(env, ino)

@@ -271,7 +271,18 @@ class FileSystem:
         if node.is_dir:
             return self._dir_attr(node)
         async with self.exports.hold(node.export) as export:
-            st = await self._stat_volume(export, node.name)
+            try:
+                st = await self._stat_volume(export, node.name)
+            except FileNotFoundError:
+                # Deleted on the storage side while open: the open handles still have the
+                # file, so answer from one of them (else the kernel fails their reads).
+                handles = self.handles.for_inode(ino)
+                if not handles:
+                    raise
+                # dup() here, on the trio thread: a handle still in the table has not
+                # started its close yet, so its fd cannot be closed under the dup.
+                fd = os.dup(handles[0].fd)
+                st = await self._io(export, _fstat_and_close, fd)
         return self._volume_attr(node, st)
 
     async def setattr(self, ino: int, change: SetAttr, fh: int | None, ctx: Ctx) -> Attr:
@@ -613,3 +624,10 @@ def _list_volumes(target: Path) -> dict[str, os.stat_result]:
             except FileNotFoundError:
                 continue  # removed while listing
     return out
+
+
+def _fstat_and_close(fd: int) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -80,9 +81,20 @@ def _track_session_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
     _roots[:] = [str(tmp_path_factory.getbasetemp()), str(PUBLIC_DIR)]
 
 
+def _settle(timeout: float = 5.0) -> None:
+    """Give the kernel a moment: a loop device's autoclear after the last unmount, and a
+    process's exit, can complete shortly after the call that triggered them returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (
+        _loop_devices() or _descendants(os.getpid()) or _mountpoints()
+    ):
+        time.sleep(0.1)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _roots:
         return
+    _settle()
     leftovers: list[str] = []
     procs = _descendants(os.getpid())
     for pid in sorted(procs):

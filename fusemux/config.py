@@ -49,7 +49,7 @@ EXPORT_KEYS = frozenset({"source", "fstype", "options", "read_only"})
 _EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,254}")
 _FSTYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # Cinder's own rule for a share address.
-_SHARE_RE = re.compile(r".+:/.+")
+_SHARE_RE = re.compile(r"[^\x00]+:/[^\x00]+")
 
 
 @dataclass(frozen=True)
@@ -112,15 +112,34 @@ class _Locator:
     def __init__(self, text: str) -> None:
         self.lines: dict[tuple[str, ...], int] = {}
         table: tuple[str, ...] = ()
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            m = self._HEADER.match(line)
-            if m:
-                table = tuple(self._split(m.group(1)))
+        # TOML ends lines at "\n" only; str.splitlines() would also split at "\f", U+2028...
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            header = self._header(line)
+            if header is not None:
+                table = header
                 self.lines.setdefault(table, lineno)
                 continue
             m = self._KEY.match(line)
             if m:
                 self.lines.setdefault(table + tuple(self._split(m.group(1))), lineno)
+
+    @classmethod
+    def _header(cls, line: str) -> tuple[str, ...] | None:
+        """The key path of a ``[table]`` header line, with quoted/escaped names decoded."""
+        stripped = line.strip()
+        if not stripped.startswith("[") or stripped.startswith("[["):
+            return None
+        try:
+            node: Any = tomllib.loads(stripped)  # a header line alone is a valid document
+        except tomllib.TOMLDecodeError:
+            m = cls._HEADER.match(line)
+            return tuple(cls._split(m.group(1))) if m else None
+        path: list[str] = []
+        while isinstance(node, dict) and len(node) == 1:
+            key = next(iter(node))
+            path.append(key)
+            node = node[key]
+        return tuple(path) if path else None
 
     @staticmethod
     def _split(dotted: str) -> list[str]:
@@ -135,7 +154,17 @@ class _Locator:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float that fits a float (TOML integers are unbounded)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _has_nul(v: Any) -> bool:
+    return isinstance(v, str) and "\0" in v
 
 
 def parse_shares(path: Path, fstype: str) -> tuple[list[ExportConfig], list[str]]:
@@ -147,14 +176,14 @@ def parse_shares(path: Path, fstype: str) -> tuple[list[ExportConfig], list[str]
     problems: list[str] = []
     text = path.read_text(encoding="utf-8")
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         where = f"{path}:{lineno}"
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         address, _, rest = line.partition(" ")
         address = address.strip().replace("\\040", " ")
-        if not _SHARE_RE.fullmatch(address):
+        if not _SHARE_RE.fullmatch(address) or "\0" in rest:
             problems.append(f"{where}: share {address!r} must be of the form address:/export")
             continue
         options: list[str] = []
@@ -212,7 +241,7 @@ def load_config(path: str | Path) -> Config:
         if m:
             line = int(m.group(1))
         elif "end of document" in str(e):
-            line = max(1, len(text.splitlines()))
+            line = max(1, len(text.rstrip("\n").split("\n")))
         else:
             line = 1
         reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(e))
@@ -231,7 +260,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         err(f"unknown key {key!r}", key)
 
     state_dir = data.get("state_dir", DEFAULT_STATE_DIR)
-    if not isinstance(state_dir, str) or not state_dir.startswith("/"):
+    if not isinstance(state_dir, str) or not state_dir.startswith("/") or _has_nul(state_dir):
         err("state_dir must be an absolute path string", "state_dir")
         state_dir = DEFAULT_STATE_DIR
 
@@ -265,8 +294,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
 
     shares_file = data.get("shares_file")
     if shares_file is not None:
-        if not isinstance(shares_file, str) or not shares_file:
-            err("shares_file must be a path string", "shares_file")
+        if not isinstance(shares_file, str) or not shares_file or _has_nul(shares_file):
+            err("shares_file must be a path string without NUL", "shares_file")
         else:
             shares_path = Path(shares_file)
             if not shares_path.is_absolute():
@@ -317,16 +346,19 @@ def _validate_export(
         err(f"unknown key {key!r} in exports.{name}", key)
         ok = False
     source = spec.get("source")
-    if not isinstance(source, str) or not source.strip():
-        err(f"exports.{name}.source is required and must be a non-empty string", "source")
+    if not isinstance(source, str) or not source.strip() or _has_nul(source):
+        err(
+            f"exports.{name}.source is required and must be a non-empty string without NUL",
+            "source",
+        )
         ok = False
     fstype = spec.get("fstype", DEFAULT_FSTYPE)
     if not isinstance(fstype, str) or not _FSTYPE_RE.fullmatch(fstype):
         err(f"exports.{name}.fstype must be a filesystem type name such as 'nfs'", "fstype")
         ok = False
     options = spec.get("options", "")
-    if not isinstance(options, str) or any(c.isspace() for c in options):
-        err(f"exports.{name}.options must be a string without whitespace", "options")
+    if not isinstance(options, str) or any(c.isspace() or c == "\0" for c in options):
+        err(f"exports.{name}.options must be a string without whitespace or NUL", "options")
         ok = False
     read_only = spec.get("read_only", False)
     if not isinstance(read_only, bool):

@@ -244,7 +244,7 @@ read_only = 1
         f"{cfg_path}:2: linger must be a number of seconds >= 0",
         f"{cfg_path}:3: mount_timeout must be a number of seconds > 0",
         f"{cfg_path}:4: unknown key 'colour'",
-        f"{cfg_path}:9: exports.bad.source is required and must be a non-empty string",
+        f"{cfg_path}:9: exports.bad.source is required and must be a non-empty string without NUL",
         f"{cfg_path}:11: unknown key 'optoins' in exports.bad",
         f"{cfg_path}:13: export name '.hidden' is not a valid directory name "
         "(letters, digits, '_', '.', '+', '@', '-'; not starting with '.' or '-')",
@@ -470,7 +470,7 @@ def test_cli_check_bad_file(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         f"{cfg_path}:1: linger must be a number of seconds >= 0",
-        f"{cfg_path}:2: exports.a.source is required and must be a non-empty string",
+        f"{cfg_path}:2: exports.a.source is required and must be a non-empty string without NUL",
         f"{cfg_path}:3: unknown key 'sourc' in exports.a",
     ]
     assert result.stdout == ""

@@ -383,6 +383,10 @@ class NfsTier:
         if op == "start":
             self.servers[msg["server"]].start()
             return True
+        if op == "restart":
+            self.servers[msg["server"]].stop()
+            self.servers[msg["server"]].start()
+            return True
         if op == "rmtree":
             shutil.rmtree(msg["path"])
             return True

@@ -248,16 +248,29 @@ def _rootfs(work: Path, out: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def build(cache: Path = DEFAULT_CACHE, log: bool = True) -> Image:
-    """Return the cached image for the current keys, building what is missing first."""
+def locate(cache: Path = DEFAULT_CACHE) -> Image | None:
+    """The cached image for the current keys, or None if a part of it is not built."""
+    boot_key, root_key = cache_keys()
+    if not all((cache / key / "done").exists() for key in (boot_key, root_key)):
+        return None
+    return _paths(cache)
+
+
+def _paths(cache: Path) -> Image:
     boot_key, root_key = cache_keys()
     boot, rootdir = cache / boot_key, cache / root_key
-    image = Image(
+    return Image(
         kernel=boot / "vmlinuz",
         initramfs=boot / "initramfs.cpio",
         rootfs=rootdir / "rootfs.ext4",
         busybox=boot / "busybox",
     )
+
+
+def build(cache: Path = DEFAULT_CACHE, log: bool = True) -> Image:
+    """Return the cached image for the current keys, building what is missing first."""
+    boot_key, root_key = cache_keys()
+    image = _paths(cache)
     for key, step in ((boot_key, _build_boot), (root_key, _build_rootfs)):
         final = cache / key
         if (final / "done").exists():

@@ -238,14 +238,15 @@ class Guest:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no message from the guest in {timeout}s: " + self.diag())
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu exited {self.proc.returncode}: " + self.diag())
+            # Read before checking qemu: its last words may still be in the socket.
             ready, _, _ = select.select([self.sock], [], [], min(left, 1.0))
             if ready:
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     raise RuntimeError("guest channel closed: " + self.diag())
                 self.buf += chunk
+            elif self.proc.poll() is not None:
+                raise RuntimeError(f"qemu exited {self.proc.returncode}: " + self.diag())
 
     def diag(self) -> str:
         parts = []
@@ -326,12 +327,14 @@ class NfsTier:
                 for s in self.servers.values():  # a stopped server would hang the unmounts
                     with contextlib.suppress(Exception):
                         s.signal(signal.SIGCONT)
-                with contextlib.suppress(Exception):
+                try:
                     self.guest.send({"cmd": "quit"})
                     deadline = time.monotonic() + 90
                     while bye is None or bye.get("event") != "bye":  # skip late results
                         bye = self.guest.recv(max(1.0, deadline - time.monotonic()))
                     self.guest.proc.wait(30)
+                except Exception as e:  # reported by the caller; the servers still get stopped
+                    bye = {"event": "error", "error": repr(e)[:3000], "last": bye}
         finally:
             self.guest.close()
             for s in self.servers.values():

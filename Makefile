@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 DEMO_DIR ?= /var/tmp/fusemux-demo
 
-.PHONY: help setup demo test test-unit lint bench clean
+.PHONY: help setup demo test test-unit test-nfs lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,11 @@ test: setup ## run the whole test suite (all three tiers; needs root)
 test-unit: setup ## run tiers (a) and (b) only
 	$(VENV)/bin/pytest tests/unit tests/api
 
+test-nfs: setup ## the NFS tier: fusemux in a qemu guest with kernel NFS, vs nfs-ganesha
+	bash scripts/setup-nfs.sh
+	unshare --mount --propagation private $(PY) -m tests.nfs.image
+	bash scripts/nfs-sandbox.sh $(VENV)/bin/pytest -p no:cacheprovider tests/nfs
+
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check fusemux tests
 	$(VENV)/bin/ruff format --check fusemux tests
@@ -34,4 +39,4 @@ bench: setup ## benchmarks (not part of the test run)
 	else echo "no benchmarks yet (tests/bench/README.md)"; fi
 
 clean: ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

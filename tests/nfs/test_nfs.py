@@ -1,0 +1,107 @@
+"""The NFS scenarios: fusemux in a guest with the real kernel NFS client, against ganesha.
+
+The tests run in file order against one guest (see conftest.py). Each asks the guest agent
+(tests/nfs/agent.py) to run one scenario and asserts on what the guest observed; the guest
+asks the host to stop, kill, restart or change the servers at the right moments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+from tests.nfs.harness import CINDER_EXPORT, EXPORTS, MOUNT_TIMEOUT, VOLUME_SIZE, NfsTier
+
+OUTAGE = 3.0
+
+
+def test_boot(nfs: NfsTier, record: dict[str, Any]) -> None:
+    data = nfs.run("boot")
+    record.update(data)
+    assert set(EXPORTS) | {CINDER_EXPORT} == set(data["exports"])
+    assert set(data["states"].values()) == {"unmounted"}
+
+
+@pytest.mark.parametrize("export", ["v4hard", "v3hard", CINDER_EXPORT])
+def test_roundtrip(nfs: NfsTier, record: dict[str, Any], export: str) -> None:
+    """Lazy mount on first open, data both ways, unmount after the last close (linger 0)."""
+    path = nfs.server_path(export) if export in EXPORTS else nfs.servers["a"].root / "cinder/vol"
+    want = hashlib.md5(path.read_bytes()).hexdigest()
+    data = nfs.run("roundtrip", export=export, size=VOLUME_SIZE, seed=11, server_path=str(path))
+    record.update(data)
+    assert data["before"] == "unmounted" and not data["mounted_before"]
+    assert data["state_open"] == "mounted" and data["mounted_open"]
+    assert data["guest_md5_initial"] == want
+    assert data["server_md5_written"] == data["written_md5"]
+    assert data["guest_md5_server_write"] == data["server_write_md5"]
+    assert not data["mounted_after_close"]
+    assert data["mount_count_delta"] == 1
+    assert data["mount_count_total"] == 2
+
+
+def test_qemu_io(nfs: NfsTier, record: dict[str, Any]) -> None:
+    data = nfs.run("qemu_io", export="v4hard", server_path=str(nfs.server_path("v4hard")))
+    record.update(data)
+    assert data["rc"] == 0 and data["reread_rc"] == 0, data
+    assert data["pattern_failures"] == 0, data
+    assert data["server_md5"] == data["want_md5"]
+
+
+def test_unreachable(nfs: NfsTier, record: dict[str, Any]) -> None:
+    data = nfs.run("unreachable", export="dead", other="other")
+    record.update(data)
+    assert data["open_errno"] is not None
+    assert data["open_s"] < MOUNT_TIMEOUT + 3
+    assert data["state_after"] == "failed"
+    assert data["last_error"].startswith("mount failed")
+    assert max(data["other_read_s"]) < 2.0
+
+
+@pytest.mark.parametrize("export", ["v3hard", "v3soft", "v4hard", "v4soft"])
+def test_outage(nfs: NfsTier, record: dict[str, Any], export: str) -> None:
+    """SIGSTOP the server while a volume is read; others, xattrs and status keep answering."""
+    data = nfs.run(
+        "outage",
+        export=export,
+        other="other",
+        size=VOLUME_SIZE,
+        outage=OUTAGE,
+        server_path=str(nfs.server_path(export)),
+    )
+    record.update(data)
+    assert not data["reader_stuck"]
+    assert max(data["other_read_s"]) < 1.5, data["other_read_s"]
+    assert data["xattr_state_s"] < 1.0 and data["xattr_state"] == "mounted"
+    assert "status_s" in data  # answered, at the latest after the resume
+    assert "first_ok_after_cont_s" in data
+    assert data["md5_reopen"]
+
+
+@pytest.mark.parametrize("export", ["v4hard", "v3hard"])
+def test_restart(nfs: NfsTier, record: dict[str, Any], export: str) -> None:
+    data = nfs.run(
+        "restart", export=export, size=VOLUME_SIZE, seed=21, down=2.0,
+        server_path=str(nfs.server_path(export)),
+    )  # fmt: skip
+    record.update(data)
+    assert not data["io_stuck"]
+    assert data["reopen_ok"] and data["server_ok"]
+
+
+def test_removed(nfs: NfsTier, record: dict[str, Any]) -> None:
+    d = nfs.servers["a"].root / "gone"
+    data = nfs.run("removed", export="gone", server_dir=str(d), seed=31, size=1 << 20)
+    record.update(data)
+    assert not data["io_stuck"]  # the open fd may keep working (ganesha holds the file)
+    assert data["open_while_gone_errno"] in ("ESTALE", "EIO"), data
+    assert data["open_while_gone_s"] < 5
+    assert data.get("recovered_md5_ok"), data
+
+
+def test_daemon_log(nfs: NfsTier, record: dict[str, Any]) -> None:
+    data = nfs.run("daemon")
+    record.update(data)
+    assert data["alive"]
+    assert data["tracebacks"] == 0, data

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 from fusemux import __version__
@@ -82,6 +83,27 @@ def _getx(path: str, key: str) -> str:
         return ""
 
 
+# capacity/free need a statvfs of the backing filesystem, which fusemux gives up after 5 s on
+# a sick export; status waits for them only briefly and reports the export as not answering.
+SLOW_KEYS = ("capacity", "free")
+SLOW_WAIT = 1.5
+
+
+def _slow_keys(path: str, keys: list[str]) -> dict[str, Any]:
+    """Read *keys* of *path* in a daemon thread, waiting at most SLOW_WAIT seconds."""
+    if not keys:
+        return {}
+    found: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: found.update({k: _getx(path, k) for k in keys}), daemon=True
+    )
+    worker.start()
+    worker.join(SLOW_WAIT)
+    if worker.is_alive() or any(found.get(k, "") == "" for k in keys):
+        return {"backing_answers": False}
+    return dict(found)
+
+
 def collect_status(mountpoint: str) -> dict[str, Any]:
     """Everything ``status`` shows, read through the xattrs of the mount."""
     root = os.path.abspath(mountpoint)
@@ -101,34 +123,24 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
         keys = [k.removeprefix(PREFIX) for k in os.listxattr(path) if k.startswith(PREFIX)]
         info: dict[str, Any] = {"name": name}
         for key in keys:
-            info[key] = _getx(path, key)
+            if key not in SLOW_KEYS:
+                info[key] = _getx(path, key)
+        info.update(_slow_keys(path, [k for k in keys if k in SLOW_KEYS]))
         for key in ("holders", "mount_count", "capacity", "free"):
             if info.get(key, "") != "":
                 info[key] = int(info[key])
-        open_names = [v for v in info.pop("open_volumes", "").split(",") if v]
-        info["open_volumes"] = []
-        for vol in open_names:
-            vpath = os.path.join(path, vol)
-            count = _getx(vpath, "open_count")
-            openers = [o for o in _getx(vpath, "openers").split(",") if o]
-            info["open_volumes"].append(
-                {"name": vol, "open_count": int(count or 0), "openers": openers}
-            )
-        mapped = [v for v in info.pop("mapped_volumes", "").split(",") if v]
-        info["mappings"] = [_mapping_of(os.path.join(path, vol), vol) for vol in mapped]
+        # One export-level key carries the volumes' details: reading each volume's keys
+        # would look the volume up, which blocks while its NFS server is down.
+        detail = json.loads(info.pop("status_json", "") or '{"open": {}, "mappings": {}}')
+        info.pop("open_volumes", None)
+        info.pop("mapped_volumes", None)
+        info["open_volumes"] = [
+            {"name": vol, "open_count": d["open_count"], "openers": d["openers"]}
+            for vol, d in detail["open"].items()
+        ]
+        info["mappings"] = [{"name": vol, **d} for vol, d in detail["mappings"].items()]
         status["exports"].append(info)
     return status
-
-
-def _mapping_of(vpath: str, name: str) -> dict[str, Any]:
-    value = _getx(vpath, "mapping")
-    pid = _getx(vpath, "mapping_pid")
-    return {
-        "name": name,
-        "options": _getx(vpath, "mapping_options"),
-        "mapping": [v for v in value.split(",") if v],
-        "pid": int(pid) if pid.isdigit() else None,
-    }
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -148,6 +160,9 @@ def _print_status(status: dict[str, Any]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=False)) + "  " + r[5])
+    for e in status["exports"]:
+        if e.get("backing_answers") is False:
+            print(f"not answering: {e['name']} (its backing filesystem did not answer a statvfs)")
     for e in status["exports"]:
         for v in e["open_volumes"]:
             openers = ", ".join(v["openers"]) or "-"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import stat
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -456,6 +457,41 @@ class FileSystem:
 
     # -- xattrs --------------------------------------------------------------------------
 
+    def _status_json(self, export: str) -> str:
+        """Open handles and mappings of *export*'s volumes as one JSON object.
+
+        ``fusemux status`` reads this instead of each volume's keys: a volume's keys need a
+        lookup of the volume, which stats the backing file and blocks while an NFS server
+        is down; this never touches a backing filesystem.
+        """
+        opened: dict[str, dict[str, Any]] = {}
+        for h in self.handles.for_export(export):
+            entry = opened.setdefault(h.name, {"open_count": 0, "openers": set()})
+            entry["open_count"] += 1
+            entry["openers"].add((h.opener_pid, h.opener_comm))
+        mapped: dict[str, dict[str, Any]] = {}
+        for name in self.mappings.mapped_volumes(export):
+            mapping = self.mappings.get(export, name)
+            if mapping is not None:
+                mapped[name] = {
+                    "mapping": [v for v in mapping.value().split(",") if v],
+                    "options": mapping.options(),
+                    "pid": mapping.pid() or None,
+                }
+        return json.dumps(
+            {
+                "open": {
+                    name: {
+                        "open_count": e["open_count"],
+                        "openers": [f"{pid}:{comm}" for pid, comm in sorted(e["openers"])],
+                    }
+                    for name, e in sorted(opened.items())
+                },
+                "mappings": dict(sorted(mapped.items())),
+            },
+            sort_keys=True,
+        )
+
     def _open_volumes(self, export: str) -> list[str]:
         return sorted({h.name for h in self.handles.for_export(export)})
 
@@ -498,6 +534,7 @@ class FileSystem:
                     self._open_volumes(node.export),
                     self.mappings.mapped_volumes(node.export),
                 )
+                values["status_json"] = self._status_json(node.export)
         elif node.kind is Kind.VOLUME:
             snap = self.exports.get(node.export).snapshot()
             openers = [

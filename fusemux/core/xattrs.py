@@ -36,6 +36,7 @@ EXPORT_KEYS = (
     "retry_in",
     "removed",
     "mapped_volumes",
+    "status_json",
 )
 VOLUME_KEYS = (
     "export",

@@ -12,6 +12,7 @@ mounting on demand and unmounting after the last close, shutdown, and the pyfuse
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
@@ -510,6 +511,7 @@ EXPORT_KEYS = [
     "retry_in",
     "removed",
     "mapped_volumes",
+    "status_json",
 ]
 VOLUME_KEYS = [
     "export",
@@ -561,6 +563,7 @@ async def test_export_xattrs_while_unmounted_never_mount(env: Env) -> None:
         "retry_in": "0",
         "removed": "0",
         "mapped_volumes": "",
+        "status_json": '{"mappings": {}, "open": {}}',
     }
     for key in ("capacity", "free"):
         assert await errno_raised(env.fs.getxattr(ino, P + key, ME)) == errno.ENODATA
@@ -886,3 +889,19 @@ async def test_a_hung_export_cannot_take_every_request_slot(
     assert await env.fs.read(gold.fh, 0, 4) == GOLD_FILES["vm1.raw"][:4]
     await env.fs.release(gold.fh)
     await env.fs.release(silver.fh)
+
+
+async def test_status_json_names_open_handles_without_touching_volumes(env: Env) -> None:
+    ino = await env.volume("gold", "vm1.raw")
+    a = await env.fs.open(ino, os.O_RDONLY, Ctx(pid=os.getpid()))
+    b = await env.fs.open(ino, os.O_RDONLY, Ctx(pid=os.getpid()))
+    raw = await env.fs.getxattr(env.ino("gold"), P + "status_json", ME)
+    detail = json.loads(raw)
+    assert detail["mappings"] == {}
+    assert detail["open"]["vm1.raw"]["open_count"] == 2
+    [opener] = detail["open"]["vm1.raw"]["openers"]
+    assert opener.startswith(f"{os.getpid()}:")
+    await env.fs.release(a.fh)
+    await env.fs.release(b.fh)
+    raw = await env.fs.getxattr(env.ino("gold"), P + "status_json", ME)
+    assert json.loads(raw) == {"mappings": {}, "open": {}}

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 from fusemux import __version__
@@ -86,22 +87,38 @@ def _getx(path: str, key: str) -> str:
 # capacity/free need a statvfs of the backing filesystem, which fusemux gives up after 5 s on
 # a sick export; status waits for them only briefly and reports the export as not answering.
 SLOW_KEYS = ("capacity", "free")
-SLOW_WAIT = 1.5
+SLOW_WAIT = 0.5
 
 
-def _slow_keys(path: str, keys: list[str]) -> dict[str, Any]:
-    """Read *keys* of *path* in a daemon thread, waiting at most SLOW_WAIT seconds."""
-    if not keys:
-        return {}
-    found: dict[str, Any] = {}
-    worker = threading.Thread(
-        target=lambda: found.update({k: _getx(path, k) for k in keys}), daemon=True
-    )
-    worker.start()
-    worker.join(SLOW_WAIT)
-    if worker.is_alive() or any(found.get(k, "") == "" for k in keys):
-        return {"backing_answers": False}
-    return dict(found)
+def _slow_keys(wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Read the slow *wanted* keys ({path: keys}) of all exports at once, in daemon threads,
+    waiting at most SLOW_WAIT seconds in all; a path that did not answer in time gets
+    ``{"backing_answers": False}``."""
+    found: dict[str, dict[str, str]] = {path: {} for path in wanted}
+    workers = []
+    for path, keys in wanted.items():
+        if not keys:
+            continue
+
+        def read(path: str = path, keys: list[str] = keys) -> None:
+            for k in keys:
+                found[path][k] = value = _getx(path, k)
+                if not value:
+                    return  # the backing filesystem did not answer: do not ask again
+
+        worker = threading.Thread(target=read, daemon=True)
+        worker.start()
+        workers.append((path, worker))
+    deadline = time.monotonic() + SLOW_WAIT
+    out: dict[str, dict[str, Any]] = {}
+    for path, worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        values = dict(found[path])
+        if worker.is_alive() or len(values) < len(wanted[path]) or "" in values.values():
+            out[path] = {"backing_answers": False}
+        else:
+            out[path] = values
+    return out
 
 
 def collect_status(mountpoint: str) -> dict[str, Any]:
@@ -118,14 +135,19 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
         "exports": [],
     }
     volumes_dir = os.path.join(root, "volumes")
-    for name in sorted(os.listdir(volumes_dir)):
+    names = sorted(os.listdir(volumes_dir))
+    listed = {}
+    for name in names:
         path = os.path.join(volumes_dir, name)
-        keys = [k.removeprefix(PREFIX) for k in os.listxattr(path) if k.startswith(PREFIX)]
+        listed[path] = [k.removeprefix(PREFIX) for k in os.listxattr(path) if k.startswith(PREFIX)]
+    slow = _slow_keys({p: [k for k in keys if k in SLOW_KEYS] for p, keys in listed.items()})
+    for name in names:
+        path = os.path.join(volumes_dir, name)
         info: dict[str, Any] = {"name": name}
-        for key in keys:
+        for key in listed[path]:
             if key not in SLOW_KEYS:
                 info[key] = _getx(path, key)
-        info.update(_slow_keys(path, [k for k in keys if k in SLOW_KEYS]))
+        info.update(slow.get(path, {}))
         for key in ("holders", "mount_count", "capacity", "free"):
             if info.get(key, "") != "":
                 info[key] = int(info[key])

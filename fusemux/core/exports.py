@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -112,6 +113,7 @@ class Export:
         self.next_config: ExportConfig | None = None  # applied at the next mount
         self.removed = False  # dropped from the config by a reload
         self.inflight = 0  # requests in (or queued for) a worker thread on this export
+        self.statvfs_probe: Any = None  # fs.StatvfsProbe in flight, shared by its callers
         self.saturated = False  # inflight hit the cap; new requests fail with EIO
 
     @property

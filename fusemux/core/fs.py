@@ -27,7 +27,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,7 +66,7 @@ T = TypeVar("T")
 DIR_TIMEOUT = 60.0
 VOLUME_TIMEOUT = 1.0
 # statvfs of a backing filesystem for xattrs/statfs must not hang an admin's getfattr.
-STATVFS_TIMEOUT = 5.0
+STATVFS_TIMEOUT = 1.0
 BLOCK = 4096
 # Requests of one export allowed to wait on its backing filesystem at once. Half the engine's
 # concurrent requests (pyfuse3: MAX_TASKS = 512), so other exports always keep the rest.
@@ -116,6 +116,15 @@ class StatFs:
     files: int
     ffree: int
     namemax: int = 255
+
+
+@dataclass
+class StatvfsProbe:
+    """One statvfs of an export's backing filesystem in flight, shared by its callers."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: os.statvfs_result | None = None
+    overdue: bool = False  # a caller gave up on it; later callers do not wait for it
 
 
 @dataclass(frozen=True)
@@ -440,20 +449,44 @@ class FileSystem:
         return total
 
     async def _statvfs(self, name: str) -> os.statvfs_result | None:
-        """statvfs of a mounted export's backing filesystem; None if not mounted or sick."""
+        """statvfs of a mounted export's backing filesystem; None if not mounted or sick.
+
+        One probe per export at a time: callers that arrive while one runs wait for its
+        result, so a sick export never collects a pile of stuck threads. Each caller waits at
+        most STATVFS_TIMEOUT; the probe itself goes on in the background until the backing
+        filesystem answers (or the daemon stops). The answer must come quickly even then: a
+        process cannot exit while its request is being served, so ``fusemux status`` and
+        ``df`` on a host with a sick export would otherwise hang until the server is back.
+        """
         async with self.exports.hold_if_mounted(name) as export:
             if export is None:
                 return None
+            probe: StatvfsProbe | None = export.statvfs_probe
+            if probe is None:
+                probe = export.statvfs_probe = StatvfsProbe()
+                assert self.exports.nursery is not None
+                self.exports.nursery.start_soon(self._run_statvfs, export, probe)
+            if probe.overdue:
+                return None  # it already timed out for someone: do not wait again
             with trio.move_on_after(STATVFS_TIMEOUT):
-                try:
-                    return await trio.to_thread.run_sync(
-                        os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
-                    )
-                except OSError as e:
-                    log.warning("export %s: statvfs failed: %s", export.name, e)
-                    return None
-            log.warning("export %s: statvfs timed out", export.name)
+                await probe.done.wait()
+                return probe.result
+            if not probe.overdue:
+                probe.overdue = True
+                log.warning("export %s: statvfs timed out", export.name)
             return None
+
+    async def _run_statvfs(self, export: Export, probe: StatvfsProbe) -> None:
+        try:
+            probe.result = await trio.to_thread.run_sync(
+                os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
+            )
+        except OSError as e:
+            log.warning("export %s: statvfs failed: %s", export.name, e)
+        finally:
+            probe.done.set()
+            if export.statvfs_probe is probe:
+                export.statvfs_probe = None
 
     # -- xattrs --------------------------------------------------------------------------
 

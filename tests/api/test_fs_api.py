@@ -905,3 +905,35 @@ async def test_status_json_names_open_handles_without_touching_volumes(env: Env)
     await env.fs.release(b.fh)
     raw = await env.fs.getxattr(env.ino("gold"), P + "status_json", ME)
     assert json.loads(raw) == {"mappings": {}, "open": {}}
+
+
+async def test_a_stuck_statvfs_is_shared_and_answered_quickly(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fs_mod, "STATVFS_TIMEOUT", 0.2)
+    gold = await env.fs.open(await env.volume("gold", "vm1.raw"), os.O_RDONLY, ME)
+    release = threading.Event()
+    calls: list[str] = []
+    real_statvfs = os.statvfs
+
+    def stuck_statvfs(path: Any) -> os.statvfs_result:
+        calls.append(str(path))
+        release.wait(10)
+        return real_statvfs(path)
+
+    monkeypatch.setattr(fs_mod.os, "statvfs", stuck_statvfs)
+    ino = env.ino("gold")
+    start = trio.current_time()
+    assert await errno_raised(env.fs.getxattr(ino, P + "capacity", ME)) == errno.EIO
+    assert trio.current_time() - start >= 0.2
+    # The probe is overdue: later readers get EIO at once, and no second thread starts.
+    start = trio.current_time()
+    assert await errno_raised(env.fs.getxattr(ino, P + "free", ME)) == errno.EIO
+    assert (await env.fs.statfs(ME)).blocks == 0
+    assert trio.current_time() - start < 0.1
+    assert len(calls) == 1
+    release.set()
+    await until(lambda: env.fs.exports.get("gold").statvfs_probe is None)
+    monkeypatch.setattr(fs_mod.os, "statvfs", real_statvfs)
+    assert int(await env.fs.getxattr(ino, P + "capacity", ME)) > 0
+    await env.fs.release(gold.fh)

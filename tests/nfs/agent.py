@@ -293,6 +293,7 @@ def sc_outage(args: dict[str, Any]) -> dict[str, Any]:
             off = (off + CHUNK) % size
             time.sleep(0.05)
 
+    res["status_baseline_s"] = status_json()[0]  # with the server up, for comparison
     th = threading.Thread(target=reader)
     th.start()
     time.sleep(1.0)
@@ -300,7 +301,12 @@ def sc_outage(args: dict[str, Any]) -> dict[str, Any]:
     host("signal", server="a", sig="STOP")
     log("server a stopped")
     time.sleep(0.3)
-    # During the outage: the healthy export, the admin xattrs, fusemux status.
+    # During the outage: fusemux status (started first: Python starts slowly under TCG),
+    # the healthy export, the admin xattrs.
+    sj: dict[str, Any] = {}
+    t_status = time.monotonic()
+    status_th = threading.Thread(target=lambda: sj.update(r=status_json()))
+    status_th.start()
     other_lat: list[float] = []
     buf2 = mmap.mmap(-1, CHUNK)
     ofd = os.open(vol(other), os.O_RDONLY | os.O_DIRECT)
@@ -319,10 +325,6 @@ def sc_outage(args: dict[str, Any]) -> dict[str, Any]:
     dt, h, err = timed(lambda: xattr(export, "holders"))
     res["xattr_holders_s"], res["xattr_holders"] = dt, h
     log("xattrs read")
-    sj: dict[str, Any] = {}
-    t_status = time.monotonic()
-    status_th = threading.Thread(target=lambda: sj.update(r=status_json()))
-    status_th.start()
     status_th.join(timeout=max(0.0, outage - (time.monotonic() - t_stop)))
     remaining = outage - (time.monotonic() - t_stop)
     if remaining > 0:

@@ -921,7 +921,7 @@ async def test_a_stuck_statvfs_is_shared_and_answered_quickly(
         release.wait(10)
         return real_statvfs(path)
 
-    monkeypatch.setattr(fs_mod.os, "statvfs", stuck_statvfs)
+    monkeypatch.setattr(os, "statvfs", stuck_statvfs)
     ino = env.ino("gold")
     start = trio.current_time()
     assert await errno_raised(env.fs.getxattr(ino, P + "capacity", ME)) == errno.EIO
@@ -934,6 +934,6 @@ async def test_a_stuck_statvfs_is_shared_and_answered_quickly(
     assert len(calls) == 1
     release.set()
     await until(lambda: env.fs.exports.get("gold").statvfs_probe is None)
-    monkeypatch.setattr(fs_mod.os, "statvfs", real_statvfs)
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
     assert int(await env.fs.getxattr(ino, P + "capacity", ME)) > 0
     await env.fs.release(gold.fh)

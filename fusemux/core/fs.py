@@ -34,7 +34,7 @@ import trio
 from fusemux import __version__
 from fusemux.config import Config
 from fusemux.core import handles as hio
-from fusemux.core import xattrs
+from fusemux.core import workers, xattrs
 from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
@@ -135,8 +135,8 @@ class FileSystem:
     # -- helpers -----------------------------------------------------------------------
 
     async def _io(self, export: Export, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking call on *export*'s backing filesystem in a worker thread."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=export.limiter)
+        """Run a blocking call on *export*'s backing filesystem in one of its worker threads."""
+        return await workers.for_export(export).run(fn, *args)
 
     def _dir_attr(self, node: Node) -> Attr:
         now = self._dir_time_ns

@@ -264,10 +264,14 @@ class FileSystem:
         handle = self.handles.file(fh)
         if handle.export.config.read_only:
             raise ReadOnlyExport(f"export {handle.export.name} is read-only")
+        handle.dirty = True
         return await self._io(handle.export, hio.write, handle, off, data)
 
     async def flush(self, fh: int) -> None:
         handle = self.handles.file(fh)
+        if not handle.dirty:
+            return  # nothing written through this handle since the last flush: no error to report
+        handle.dirty = False
         await self._io(handle.export, hio.flush, handle)
 
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -27,6 +27,7 @@ import trio
 import fusemux.core.exports as exports_mod
 from fusemux import __version__
 from fusemux.config import Config
+from fusemux.core import handles as hio
 from fusemux.core.exports import State
 from fusemux.core.fs import (
     BLOCK,
@@ -211,6 +212,25 @@ async def test_open_read_write_release(env: Env) -> None:
     assert await errno_raised(env.fs.read(reply.fh, 0, 1)) == errno.EBADF
     await env.fs.release(reply.fh)  # a second release is ignored
     assert export.holders == 0
+
+
+async def test_flush_runs_only_after_writes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[int] = []
+    real_flush = hio.flush
+    monkeypatch.setattr(hio, "flush", lambda h: (flushed.append(h.fh), real_flush(h))[1])
+    ino = await env.volume("gold", "vm1.raw")
+    reply = await env.fs.open(ino, os.O_RDWR, ME)
+    await env.fs.read(reply.fh, 0, 4)
+    await env.fs.flush(reply.fh)
+    assert flushed == []  # nothing written: no write-back error to report, no syscalls
+    await env.fs.write(reply.fh, 0, b"x")
+    await env.fs.flush(reply.fh)
+    await env.fs.flush(reply.fh)
+    assert flushed == [reply.fh]
+    await env.fs.write(reply.fh, 1, b"y")
+    await env.fs.flush(reply.fh)
+    assert flushed == [reply.fh, reply.fh]
+    await env.fs.release(reply.fh)
 
 
 async def test_each_open_is_a_holder(env: Env) -> None:

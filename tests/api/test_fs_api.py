@@ -217,7 +217,12 @@ async def test_open_read_write_release(env: Env) -> None:
 async def test_flush_runs_only_after_writes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     flushed: list[int] = []
     real_flush = hio.flush
-    monkeypatch.setattr(hio, "flush", lambda h: (flushed.append(h.fh), real_flush(h))[1])
+
+    def counting_flush(handle: hio.Handle) -> None:
+        flushed.append(handle.fh)
+        real_flush(handle)
+
+    monkeypatch.setattr(hio, "flush", counting_flush)
     ino = await env.volume("gold", "vm1.raw")
     reply = await env.fs.open(ino, os.O_RDWR, ME)
     await env.fs.read(reply.fh, 0, 4)

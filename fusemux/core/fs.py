@@ -270,6 +270,7 @@ class FileSystem:
     async def flush(self, fh: int) -> None:
         handle = self.handles.file(fh)
         if not handle.dirty:
+            await trio.lowlevel.checkpoint()
             return  # nothing written through this handle since the last flush: no error to report
         handle.dirty = False
         await self._io(handle.export, hio.flush, handle)

@@ -226,7 +226,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runtime", type=float, default=3.0, help="seconds per fio run")
     p.add_argument("--size-mib", type=int, default=256, help="size of the benchmark file")
-    p.add_argument("--backings", nargs="+", default=["ext4", "tmpfs"])
+    p.add_argument("--backings", nargs="*", default=["ext4", "tmpfs"])
     p.add_argument("--systems", nargs="+", default=list(sysmod.SYSTEMS))
     p.add_argument("--workloads", nargs="+", default=[""], help="substrings of workload names")
     p.add_argument("--open-iterations", type=int, default=10_000)

@@ -80,6 +80,9 @@ def run_fio(args: argparse.Namespace, base: Path, kind: str, res: dict[str, Any]
                         cell.setdefault(name, {"runs": []})["runs"].append(r)
                         shown = r["error"] or f"{r['value']:.0f} {w.unit}"
                         print(f"  [{kind} rep {rep + 1}] {w.name:28s} {name:12s} {shown}")
+            if args.offload_calls and kind == args.backings[0]:
+                print(f"  [{kind}] offload cost x{args.offload_calls}")
+                res["offload_us"] = wl.offload_cost(src / FILE, args.offload_calls)
             if args.open_iterations and kind == args.backings[0]:
                 print(f"  [{kind}] warm open+close x{args.open_iterations}")
                 res["open_close"] = wl.open_close_latency(running, FILE, args.open_iterations)
@@ -161,6 +164,9 @@ def table(res: dict[str, Any]) -> str:
         lines.append("|---|---:|---:|---:|")
         for name, v in res["open_close"].items():
             lines.append(f"| {name} | {v['n']} | {v['median_us']:.0f} | {v['p99_us']:.0f} |")
+    if "offload_us" in res:
+        lines += ["", "### cost of one 4 KiB pread from a trio task, one at a time (µs)", ""]
+        lines.append(" | ".join(f"{k} {v:.1f}" for k, v in res["offload_us"].items()))
     if "first_open" in res:
         f = res["first_open"]
         lines += [
@@ -231,6 +237,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", nargs="+", default=[""], help="substrings of workload names")
     p.add_argument("--open-iterations", type=int, default=10_000)
     p.add_argument("--first-open-reps", type=int, default=10)
+    p.add_argument("--offload-calls", type=int, default=5000, help="per variant and round")
     p.add_argument("--storm-exports", type=int, default=100)
     p.add_argument("--storm-per-export", type=int, default=10)
     p.add_argument("--listing", type=int, default=10_000)

@@ -180,6 +180,44 @@ def first_open(base: Path, repetitions: int) -> dict[str, Any]:
     }
 
 
+def offload_cost(path: Path, calls: int, rounds: int = 3) -> dict[str, float]:
+    """µs per 4 KiB ``pread`` of *path*, one call at a time, from a trio task: inline, through
+    ``trio.to_thread.run_sync`` with a limiter (the old data path) and through fusemux's
+    per-export pool (:class:`fusemux.core.workers.ExportWorkers`). Medians over *rounds*,
+    alternating.
+    """
+    import trio
+
+    from fusemux.core.workers import ExportWorkers
+
+    fd = os.open(path, os.O_RDONLY)
+    samples: dict[str, list[float]] = {"inline": [], "trio.to_thread": [], "export pool": []}
+
+    async def measure() -> None:
+        limiter = trio.CapacityLimiter(8)
+        pool = ExportWorkers("bench", limiter, 8)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                os.pread(fd, 4096, 0)
+                await trio.lowlevel.checkpoint()
+            samples["inline"].append((time.perf_counter() - t0) / calls * 1e6)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                await trio.to_thread.run_sync(os.pread, fd, 4096, 0, limiter=limiter)
+            samples["trio.to_thread"].append((time.perf_counter() - t0) / calls * 1e6)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                await pool.run(os.pread, fd, 4096, 0)
+            samples["export pool"].append((time.perf_counter() - t0) / calls * 1e6)
+
+    try:
+        trio.run(measure)
+    finally:
+        os.close(fd)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -128,10 +128,14 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 def table(res: dict[str, Any]) -> str:
     lines: list[str] = []
     m = res["meta"]
+    fl = m.get("fio_load1")
+    fio_load = f"{fl['min']:.1f}/{fl['median']:.1f}/{fl['max']:.1f} (min/median/max)" if fl else "—"
     lines.append(
         f"fusemux {m['version']} ({m['git']}), {m['date']}, kernel {m['kernel']}, "
-        f"{m['cpus']} CPUs, load average {m['loadavg_before']} before / "
-        f"{m['loadavg_after']} after; {m['reps']} repetitions x {m['runtime_s']} s, "
+        f"{m['cpus']} CPUs, load average {m['loadavg_before']} before, "
+        f"{m['loadavg_after_fio']} after fio, {m['loadavg_after']} at the end (the storm's "
+        f"blocked threads count in it); 1-min load at the start of the fio runs {fio_load}; "
+        f"{m['reps']} repetitions x {m['runtime_s']} s, "
         f"file {m['size_mib']} MiB; mergerfs -o {m['mergerfs_options']}"
     )
     for kind, cells in res["fio"].items():
@@ -282,6 +286,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in args.backings:
             print(f"fio on {kind}")
             run_fio(args, base, kind, res)
+        loads = [
+            r["load1"]
+            for cells in res["fio"].values()
+            for cell in cells.values()
+            for name in sysmod.SYSTEMS
+            for r in cell.get(name, {}).get("runs", [])
+        ]
+        if loads:
+            res["meta"]["fio_load1"] = {
+                "min": min(loads),
+                "median": _median(loads),
+                "max": max(loads),
+            }
+        res["meta"]["loadavg_after_fio"] = _loadavg()
         if not args.no_lifecycle:
             print("first open")
             res["first_open"] = wl.first_open(base / "first", args.first_open_reps)

@@ -73,12 +73,15 @@ def fio_run(system: System, file: str, w: Workload, size: int, runtime: float) -
         f"--runtime={int(runtime * 1000)}ms", "--invalidate=0", "--randrepeat=0", "--norandommap",
         "--end_fsync=0", "--numjobs=1",
     ]  # fmt: skip
+    load1 = float(Path("/proc/loadavg").read_text().split()[0])
     cpu0 = cpu_seconds(system.pid) if system.pid else 0.0
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
     wall = time.monotonic() - t0
     cpu = (cpu_seconds(system.pid) - cpu0) if system.pid else None
-    out: dict[str, Any] = {"value": None, "cpu_s": cpu, "wall_s": wall, "error": None}
+    out: dict[str, Any] = {
+        "value": None, "cpu_s": cpu, "wall_s": wall, "error": None, "load1": load1,
+    }  # fmt: skip
     if proc.returncode != 0:
         out["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
         out["error"] = out["error"][0][:200]

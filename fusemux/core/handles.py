@@ -1,8 +1,8 @@
 """Open handles: backing file descriptors, who opened them, and the blocking I/O on them.
 
 This module owns the table of open file and directory handles and the synchronous syscalls
-that run in worker threads (never on the event loop; :mod:`fusemux.core.fs` calls them through
-``trio.to_thread.run_sync`` with the export's limiter).
+that run in worker threads (never on the event loop; :mod:`fusemux.core.fs` calls them in the
+export's own threads, :mod:`fusemux.core.workers`, under the export's limiter).
 
 ``O_DIRECT``: an ``O_DIRECT`` open gets a backing fd opened with ``O_DIRECT`` too, so the
 page cache is bypassed end to end. The kernel hands fusemux data in ordinary (unaligned)

@@ -3,6 +3,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 DEMO_DIR ?= /var/tmp/fusemux-demo
+BENCH_STAMP := $(VENV)/.bench-done
+# Where `make bench` writes its JSON, markdown table and chart; BENCH_ARGS go to the harness
+# (see `python -m tests.bench.run --help`).
+BENCH_OUT ?= docs/bench
+BENCH_ARGS ?=
 
 .PHONY: help setup demo test test-unit test-nfs lint bench clean
 
@@ -33,10 +38,13 @@ lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff format --check fusemux tests
 	$(VENV)/bin/mypy
 
-bench: setup ## benchmarks (not part of the test run)
-	@if ls tests/bench/test_*.py >/dev/null 2>&1; then \
-		$(VENV)/bin/python -m pytest -p no:cacheprovider tests/bench -s; \
-	else echo "no benchmarks yet (tests/bench/README.md)"; fi
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP) ## benchmarks vs native, mergerfs, bare pyfuse3 (not part of the test run; root)
+	$(PY) -m tests.bench.run --json $(BENCH_OUT)/results.json --table $(BENCH_OUT)/results.md \
+		--chart $(BENCH_OUT)/ratios.png $(BENCH_ARGS)
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

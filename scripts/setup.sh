@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make pkg-config
   libfuse3-dev fuse3
-  qemu-utils attr e2fsprogs util-linux mount procps kmod fdisk fio
+  qemu-utils attr e2fsprogs util-linux mount procps kmod fdisk
+  fio mergerfs
 )
 
 missing=()

@@ -36,7 +36,7 @@ import trio
 from fusemux import __version__
 from fusemux.config import Config
 from fusemux.core import handles as hio
-from fusemux.core import xattrs
+from fusemux.core import workers, xattrs
 from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
@@ -172,7 +172,7 @@ class FileSystem:
     # -- helpers -----------------------------------------------------------------------
 
     async def _io(self, export: Export, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking call on *export*'s backing filesystem in a worker thread.
+        """Run a blocking call on *export*'s backing filesystem in one of its worker threads.
 
         At most MAX_INFLIGHT_PER_EXPORT requests of one export may be in here at once (in a
         thread or queued for one). The engine serves a bounded number of requests at a time
@@ -191,7 +191,7 @@ class FileSystem:
             raise FusemuxError(f"export {export.name} is not answering", errno.EIO)
         export.inflight += 1
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=export.limiter)
+            return await workers.for_export(export).run(fn, *args)
         finally:
             export.inflight -= 1
             if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:
@@ -350,10 +350,15 @@ class FileSystem:
         handle = self.handles.file(fh)
         if handle.export.config.read_only:
             raise ReadOnlyExport(f"export {handle.export.name} is read-only")
+        handle.dirty = True
         return await self._io(handle.export, hio.write, handle, off, data)
 
     async def flush(self, fh: int) -> None:
         handle = self.handles.file(fh)
+        if not handle.dirty:
+            await trio.lowlevel.checkpoint()
+            return  # nothing written through this handle since the last flush: no error to report
+        handle.dirty = False
         await self._io(handle.export, hio.flush, handle)
 
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -1,8 +1,8 @@
 """Open handles: backing file descriptors, who opened them, and the blocking I/O on them.
 
 This module owns the table of open file and directory handles and the synchronous syscalls
-that run in worker threads (never on the event loop; :mod:`fusemux.core.fs` calls them through
-``trio.to_thread.run_sync`` with the export's limiter).
+that run in worker threads (never on the event loop; :mod:`fusemux.core.fs` calls them in the
+export's own threads, :mod:`fusemux.core.workers`, under the export's limiter).
 
 ``O_DIRECT``: an ``O_DIRECT`` open gets a backing fd opened with ``O_DIRECT`` too, so the
 page cache is bypassed end to end. The kernel hands fusemux data in ordinary (unaligned)
@@ -11,6 +11,11 @@ anonymous ``mmap`` buffer. Requests whose offset or length the backing filesyste
 ``O_DIRECT`` (``EINVAL``: not aligned to its logical block size) are served through a second,
 buffered fd on the same file; writes there are made durable with ``fdatasync`` and their pages
 dropped with ``posix_fadvise(DONTNEED)``, so they do not linger in the page cache either.
+
+The aligned buffer is reused: each worker thread keeps one (``threading.local``, grown to the
+largest request it has served, at most a FUSE request of 1 MiB in practice), so an
+``O_DIRECT`` request costs no ``mmap``/``munmap`` and no page faults. It goes away with its
+thread (:mod:`fusemux.core.workers` ends idle threads).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import errno
 import mmap
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +66,9 @@ class Handle:
     opener_pid: int
     opener_comm: str
     buffered_fd: int | None = None
+    # Written to since the last flush: a flush of a handle that wrote nothing has no
+    # write-back error to report and skips its syscalls.
+    dirty: bool = False
 
     @property
     def writable(self) -> bool:
@@ -182,6 +191,20 @@ def _aligned(n: int) -> int:
     return max(_PAGE, (n + _PAGE - 1) // _PAGE * _PAGE)
 
 
+_local = threading.local()
+
+
+def _thread_buffer(size: int) -> mmap.mmap:
+    """This thread's page-aligned buffer, at least *size* bytes rounded up to whole pages."""
+    need = _aligned(size)
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < need:
+        if buf is not None:
+            buf.close()
+        buf = _local.buf = mmap.mmap(-1, need)
+    return buf
+
+
 def _buffered_fd(handle: Handle) -> int:
     if handle.buffered_fd is None:
         flags = (handle.flags & (os.O_ACCMODE | os.O_NOATIME)) | _BACKING_FLAGS | os.O_NONBLOCK
@@ -194,16 +217,16 @@ def _buffered_fd(handle: Handle) -> int:
 def read(handle: Handle, off: int, size: int) -> bytes:
     if not handle.direct:
         return os.pread(handle.fd, size, off)
-    with mmap.mmap(-1, _aligned(size)) as buf:
-        with memoryview(buf) as view:
-            try:
-                n = os.preadv(handle.fd, [view], off)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                n = -1
-        if n >= 0:
-            return buf[: min(n, size)]
+    buf = _thread_buffer(size)
+    with memoryview(buf) as view, view[: _aligned(size)] as part:
+        try:
+            n = os.preadv(handle.fd, [part], off)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            n = -1
+    if n >= 0:
+        return buf[: min(n, size)]
     # Offset not aligned for this filesystem's O_DIRECT: read through the buffered fd.
     return os.pread(_buffered_fd(handle), size, off)
 
@@ -213,14 +236,14 @@ def write(handle: Handle, off: int, data: bytes) -> int:
         return os.pwrite(handle.fd, data, off)
     size = len(data)
     if size % 512 == 0 and off % 512 == 0:
-        with mmap.mmap(-1, _aligned(size)) as buf:
-            buf.write(data)
-            with memoryview(buf) as view, view[:size] as part:
-                try:
-                    return os.pwritev(handle.fd, [part], off)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
+        buf = _thread_buffer(size)
+        buf[:size] = data
+        with memoryview(buf) as view, view[:size] as part:
+            try:
+                return os.pwritev(handle.fd, [part], off)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
     # Not aligned for this filesystem: buffered write, made durable and evicted.
     fd = _buffered_fd(handle)
     n = os.pwrite(fd, data, off)
@@ -256,20 +279,27 @@ def close(handle: Handle) -> None:
         raise first
 
 
-def opener_of(tid: int) -> tuple[int, str]:
-    """(process id, comm) of the thread *tid* that sent a request (ctx.pid is a thread id)."""
-    pid = tid
+def _read_proc(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    pid = int(line.split()[1])
-                    break
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def opener_of(tid: int) -> tuple[int, str]:
+    """(process id, comm) of the thread *tid* that sent a request (ctx.pid is a thread id).
+
+    Raw ``os.read`` of procfs (no text-mode file objects): this runs on every open.
+    """
+    try:
+        status = _read_proc(f"/proc/{tid}/status")
+        start = status.index(b"\nTgid:") + 6
+        pid = int(status[start : status.index(b"\n", start)])
     except (OSError, ValueError):
         return tid, "?"
     try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            comm = f.read().strip()
+        comm = _read_proc(f"/proc/{pid}/comm").decode("utf-8", "replace").strip()
     except OSError:
         comm = "?"
     return pid, comm.replace(",", "_").replace(":", "_") or "?"

@@ -228,6 +228,30 @@ async def test_open_read_write_release(env: Env) -> None:
     assert export.holders == 0
 
 
+async def test_flush_runs_only_after_writes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[int] = []
+    real_flush = hio.flush
+
+    def counting_flush(handle: hio.Handle) -> None:
+        flushed.append(handle.fh)
+        real_flush(handle)
+
+    monkeypatch.setattr(hio, "flush", counting_flush)
+    ino = await env.volume("gold", "vm1.raw")
+    reply = await env.fs.open(ino, os.O_RDWR, ME)
+    await env.fs.read(reply.fh, 0, 4)
+    await env.fs.flush(reply.fh)
+    assert flushed == []  # nothing written: no write-back error to report, no syscalls
+    await env.fs.write(reply.fh, 0, b"x")
+    await env.fs.flush(reply.fh)
+    await env.fs.flush(reply.fh)
+    assert flushed == [reply.fh]
+    await env.fs.write(reply.fh, 1, b"y")
+    await env.fs.flush(reply.fh)
+    assert flushed == [reply.fh, reply.fh]
+    await env.fs.release(reply.fh)
+
+
 async def test_each_open_is_a_holder(env: Env) -> None:
     ino = await env.volume("gold", "vm1.raw")
     fhs = [(await env.fs.open(ino, os.O_RDONLY, ME)).fh for _ in range(3)]

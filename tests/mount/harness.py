@@ -104,14 +104,15 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, verbose: bool = True) -> None:
+        """Start the daemon and wait for its FUSE mount (debug logging unless not *verbose*)."""
         if not self.config_path.exists():
             self.write_config()
         starts = self.log().count(" serving ")
         log = open(self.log_path, "ab")  # handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fusemux", "serve", str(self.mnt), "--config"]
-            + [str(self.config_path), "-v", *extra],
+            + [str(self.config_path), *(["-v"] if verbose else []), *extra],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

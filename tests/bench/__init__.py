@@ -1,0 +1,1 @@
+"""Benchmarks of fusemux against native I/O, mergerfs and a bare pyfuse3 passthrough."""

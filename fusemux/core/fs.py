@@ -19,6 +19,7 @@ export stalls only requests for that export.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import json
@@ -68,6 +69,9 @@ VOLUME_TIMEOUT = 1.0
 # statvfs of a backing filesystem for xattrs/statfs must not hang an admin's getfattr.
 STATVFS_TIMEOUT = 1.0
 BLOCK = 4096
+# Volume entries built per READDIR call (a kernel buffer holds far fewer; the rest is asked
+# for again from the last offset).
+READDIR_BATCH = 256
 # Requests of one export allowed to wait on its backing filesystem at once. Half the engine's
 # concurrent requests (pyfuse3: MAX_TASKS = 512), so other exports always keep the rest.
 MAX_INFLIGHT_PER_EXPORT = 256
@@ -407,9 +411,13 @@ class FileSystem:
                     ((name, self.namespace.volume_node(node.export, name).ino) for name in listing),
                     key=lambda e: e[1],
                 )
-            entries = [
-                DirEntry(name, self._volume_attr(self.namespace.node(ino), dh.stats[name]), 0)
-                for name, ino in dh.entries
+            # Only the next READDIR_BATCH entries after *offset*: the kernel asks again from
+            # the last offset it used, so building every entry per call would be O(n^2).
+            start = bisect.bisect_right(dh.entries, offset, key=lambda e: e[1])
+            return [
+                DirEntry(name, attr, attr.ino)
+                for name, ino in dh.entries[start : start + READDIR_BATCH]
+                for attr in (self._volume_attr(self.namespace.node(ino), dh.stats[name]),)
             ]
         return [
             DirEntry(e.name, e.attr, e.attr.ino)

@@ -961,3 +961,26 @@ async def test_a_stuck_statvfs_is_shared_and_answered_quickly(
     monkeypatch.setattr(os, "statvfs", real_statvfs)
     assert int(await env.fs.getxattr(ino, P + "capacity", ME)) > 0
     await env.fs.release(gold.fh)
+
+
+async def test_readdir_of_many_volumes_comes_in_batches(env: Env) -> None:
+    for i in range(600):
+        (env.servers["gold"] / f"vol-{i:04d}").write_bytes(b"")
+    fh = await env.fs.opendir(env.ino("gold"), ME)
+    seen: list[str] = []
+    offset = 0
+    calls = 0
+    while True:
+        batch = await env.fs.readdir(fh, offset)
+        if not batch:
+            break
+        calls += 1
+        assert len(batch) <= fs_mod.READDIR_BATCH
+        # The kernel may stop part-way through a batch and ask again from there.
+        taken = batch[: max(1, len(batch) // 2)]
+        seen += [e.name for e in taken]
+        offset = taken[-1].next_offset
+    await env.fs.releasedir(fh)
+    assert calls > 600 // fs_mod.READDIR_BATCH
+    assert len(seen) == len(set(seen))
+    assert set(seen) == {f"vol-{i:04d}" for i in range(600)} | {"vm1.raw", "vm2.qcow2", "vm3.img"}

@@ -24,6 +24,7 @@ A shares-file entry ``address:/export [-o options]`` becomes the export named
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -39,9 +40,17 @@ DEFAULT_MOUNT_TIMEOUT = 60.0
 DEFAULT_FSTYPE = "nfs"
 
 TOP_KEYS = frozenset(
-    {"state_dir", "linger", "mount_timeout", "shares_file", "shares_fstype", "exports"}
+    {
+        "state_dir",
+        "linger",
+        "mount_timeout",
+        "io_timeout",
+        "shares_file",
+        "shares_fstype",
+        "exports",
+    }
 )
-EXPORT_KEYS = frozenset({"source", "fstype", "options", "read_only"})
+EXPORT_KEYS = frozenset({"source", "fstype", "options", "read_only", "io_timeout"})
 
 # An export name is a directory name under /volumes: no slash, no leading dot, no control
 # characters, and short enough for NAME_MAX.
@@ -62,6 +71,9 @@ class ExportConfig:
     options: str = ""
     read_only: bool = False
     origin: str = ""  # FILE:LINE where it was defined, for messages
+    # Seconds a backing-filesystem call may take before the caller gets ETIMEDOUT (the
+    # call itself goes on); 0 = wait as long as it takes (a hard mount's semantics).
+    io_timeout: float = 0.0
 
     def mount_options(self) -> str:
         """The ``-o`` argument for mount(8), with ``ro`` added for read-only exports."""
@@ -269,6 +281,11 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         err("linger must be a number of seconds >= 0", "linger")
         linger = DEFAULT_LINGER
 
+    io_timeout = data.get("io_timeout", 0.0)
+    if not _is_number(io_timeout) or io_timeout < 0:
+        err("io_timeout must be a number of seconds >= 0 (0: no timeout)", "io_timeout")
+        io_timeout = 0.0
+
     mount_timeout = data.get("mount_timeout", DEFAULT_MOUNT_TIMEOUT)
     if not _is_number(mount_timeout) or mount_timeout <= 0:
         err("mount_timeout must be a number of seconds > 0", "mount_timeout")
@@ -287,7 +304,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     for name, spec in table.items():
         origin = f"{path}:{loc.line('exports', name)}"
         export = _validate_export(
-            name, spec, origin, lambda r, *k, n=name: err(r, "exports", n, *k)
+            name, spec, origin, lambda r, *k, n=name: err(r, "exports", n, *k), float(io_timeout)
         )
         if export is not None:
             exports[name] = export
@@ -316,7 +333,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                         f"{export.name} which is already defined at {exports[export.name].origin}"
                     )
                     continue
-                exports[export.name] = export
+                exports[export.name] = dataclasses.replace(export, io_timeout=float(io_timeout))
 
     if problems:
         raise ConfigError(problems)
@@ -330,7 +347,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
 
 
 def _validate_export(
-    name: str, spec: Any, origin: str, err: Callable[..., None]
+    name: str, spec: Any, origin: str, err: Callable[..., None], default_io_timeout: float = 0.0
 ) -> ExportConfig | None:
     ok = True
     if not _EXPORT_NAME_RE.fullmatch(name):
@@ -364,6 +381,10 @@ def _validate_export(
     if not isinstance(read_only, bool):
         err(f"exports.{name}.read_only must be true or false", "read_only")
         ok = False
+    io_timeout = spec.get("io_timeout", default_io_timeout)
+    if not _is_number(io_timeout) or io_timeout < 0:
+        err(f"exports.{name}.io_timeout must be a number of seconds >= 0", "io_timeout")
+        ok = False
     if not ok:
         return None
     assert isinstance(source, str) and isinstance(fstype, str) and isinstance(options, str)
@@ -374,4 +395,5 @@ def _validate_export(
         options=options,
         read_only=bool(read_only),
         origin=origin,
+        io_timeout=float(io_timeout),
     )

@@ -95,6 +95,15 @@ class NotPermitted(FusemuxError):
     errno = errno.EPERM
 
 
+class IoTimeout(FusemuxError):
+    """A backing-filesystem call of an export with ``io_timeout`` did not return in time.
+
+    The caller gets ETIMEDOUT, as from a ``soft`` NFS mount; the call goes on in its thread.
+    """
+
+    errno = errno.ETIMEDOUT
+
+
 class BadHandle(FusemuxError):
     errno = errno.EBADF
 

@@ -548,9 +548,5 @@ class ExportManager:
 
 def _same(a: ExportConfig, b: ExportConfig) -> bool:
     """Whether two configs of an export mount the same thing the same way."""
-    return (a.source, a.fstype, a.options, a.read_only) == (
-        b.source,
-        b.fstype,
-        b.options,
-        b.read_only,
-    )
+    fields = ("source", "fstype", "options", "read_only", "io_timeout")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)

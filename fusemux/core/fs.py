@@ -195,7 +195,8 @@ class FileSystem:
             raise FusemuxError(f"export {export.name} is not answering", errno.EIO)
         export.inflight += 1
         try:
-            return await workers.for_export(export).run(fn, *args)
+            timeout = export.config.io_timeout or None
+            return await workers.for_export(export).run(fn, *args, timeout=timeout)
         finally:
             export.inflight -= 1
             if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:
@@ -375,7 +376,7 @@ class FileSystem:
             return
         try:
             await self._io(handle.export, hio.close, handle)
-        except OSError as e:
+        except (OSError, FusemuxError) as e:
             log.warning("close of %s/%s failed: %s", handle.export.name, handle.name, e)
         finally:
             self.exports.release(handle.export)

@@ -35,13 +35,20 @@ import outcome
 import trio
 
 from fusemux.core.exports import THREADS_PER_EXPORT, Export
+from fusemux.errors import IoTimeout
 
 T = TypeVar("T")
 
 # A worker thread with nothing to do for this long ends (trio's own thread cache uses 10 s).
 IDLE_TIMEOUT = 10.0
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.Task, trio.lowlevel.TrioToken]
+# (function, arguments, deliver(outcome) to call in the trio thread, the run's token)
+_Job = tuple[
+    Callable[..., Any],
+    tuple[Any, ...],
+    Callable[[outcome.Outcome[Any]], None],
+    trio.lowlevel.TrioToken,
+]
 
 
 def _abort(_: object) -> trio.lowlevel.Abort:
@@ -66,20 +73,45 @@ class ExportWorkers:
     def threads(self) -> int:
         return self._threads
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in one of this export's threads and return (or raise) its result."""
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        """Run ``fn(*args)`` in one of this export's threads and return (or raise) its result.
+
+        With *timeout*, the caller stops waiting after that many seconds and gets
+        :class:`IoTimeout`; the call itself cannot be stopped and goes on in its thread,
+        which keeps its limiter token until it returns (so a hung export still ties up at
+        most its own threads). Without, the caller waits for as long as the call takes.
+        """
         borrower = object()
         try:
             self.limiter.acquire_on_behalf_of_nowait(borrower)
         except trio.WouldBlock:
             await self.limiter.acquire_on_behalf_of(borrower)
+        task = trio.lowlevel.current_task()
+        abandoned = False
+
+        def deliver(result: outcome.Outcome[Any]) -> None:
+            if abandoned:  # the caller gave up: the thread is free now, so is its token
+                self.limiter.release_on_behalf_of(borrower)
+            else:
+                trio.lowlevel.reschedule(task, result)
+
+        def give_up(_: object) -> trio.lowlevel.Abort:
+            nonlocal abandoned
+            abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
         try:
-            task = trio.lowlevel.current_task()
-            self._submit((fn, args, task, trio.lowlevel.current_trio_token()))
-            result: T = await trio.lowlevel.wait_task_rescheduled(_abort)
-            return result
+            self._submit((fn, args, deliver, trio.lowlevel.current_trio_token()))
+            if timeout is None:
+                result: T = await trio.lowlevel.wait_task_rescheduled(_abort)
+                return result
+            with trio.move_on_after(timeout):
+                result = await trio.lowlevel.wait_task_rescheduled(give_up)
+                return result
+            raise IoTimeout(f"no answer from the backing filesystem within {timeout:g}s")
         finally:
-            self.limiter.release_on_behalf_of(borrower)
+            if not abandoned:
+                self.limiter.release_on_behalf_of(borrower)
 
     def _submit(self, job: _Job) -> None:
         with self._lock:
@@ -99,7 +131,7 @@ class ExportWorkers:
         q = self._queue
         while True:
             try:
-                fn, args, task, token = q.get(timeout=IDLE_TIMEOUT)
+                fn, args, deliver, token = q.get(timeout=IDLE_TIMEOUT)
             except queue.Empty:
                 with self._lock:
                     if q.empty() and self._idle > 0:
@@ -113,8 +145,8 @@ class ExportWorkers:
                 self._idle += 1
             # If the trio run ended while the call was in flight, nobody waits for it.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            del task, result
+                token.run_sync_soon(deliver, result)
+            del deliver, result
 
 
 _pools: weakref.WeakKeyDictionary[Export, ExportWorkers] = weakref.WeakKeyDictionary()

@@ -566,11 +566,44 @@ def test_hung_backend_does_not_stall_other_exports(hangfs: HangFs, daemon: Daemo
     daemon.wait_unmounted("good")
 
 
+def test_io_timeout_turns_a_hung_read_into_etimedout(hangfs: HangFs, daemon: Daemon) -> None:
+    """With ``io_timeout`` (for backends that never time out by themselves, like an NFSv4
+    soft mount while its server is stopped), a read stuck in the backend fails with
+    ETIMEDOUT after that time instead of blocking; the export keeps working afterwards."""
+    daemon.exports["sick"] = {
+        "source": str(hangfs.mnt),
+        "fstype": "none",
+        "options": "bind",
+        "io_timeout": 1.0,
+    }
+    daemon.write_config(linger=0)
+    daemon.start()
+    expected = content("vol1", MiB)
+    fd = os.open(daemon.volume("sick", "vol1"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == expected[:4096]
+        hangfs.block()
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 65536, 512 * 1024)
+        took = time.monotonic() - t0
+        assert info.value.errno == errno.ETIMEDOUT
+        assert 0.9 <= took < 5, took
+        assert daemon.state_of("sick") == "mounted"
+        hangfs.unblock()
+        # The abandoned read finishes in the background; new reads are served normally.
+        assert os.pread(fd, 65536, 256 * 1024) == expected[256 * 1024 : 320 * 1024]
+    finally:
+        hangfs.unblock()
+        os.close(fd)
+    daemon.wait_unmounted("sick")
+
+
 def test_backend_dies_under_open_volume(hangfs: HangFs, daemon: Daemon) -> None:
     """The backend's server dies (hangfs SIGKILLed, its mount left answering ENOTCONN, like a
     dead storage connection): reads and new opens of the volume fail at once with ENOTCONN
-    (a close() with nothing to flush succeeds), the admin xattrs answer, the export unmounts after the last close,
-    and once the backend serves again the next open works."""
+    (a close() with nothing to flush succeeds), the admin xattrs answer, the export
+    unmounts after the last close, and once the backend serves again the next open works."""
     daemon.exports["sick"] = {"source": str(hangfs.mnt), "fstype": "none", "options": "bind"}
     daemon.add_bind_export("good", {"a": VOL})
     daemon.write_config(linger=0)

@@ -52,11 +52,14 @@ EXPORTS: dict[str, tuple[str, str, str, str]] = {
     "v4soft": ("a", "v4soft", "nfs4", f"{V4},addr={GUEST_A},{SOFT}"),
     "v3hard": ("a", "v3hard", "nfs", f"{V3},addr={GUEST_A},mountaddr={GUEST_A},hard"),
     "v3soft": ("a", "v3soft", "nfs", f"{V3},addr={GUEST_A},mountaddr={GUEST_A},{SOFT}"),
+    # v4 soft never times out while the server is merely stopped: fusemux's io_timeout does.
+    "v4timeo": ("a", "v4timeo", "nfs4", f"{V4},addr={GUEST_A},{SOFT}"),
     "gone": ("a", "gone", "nfs4", f"{V4},addr={GUEST_A},hard"),
     "other": ("b", "other", "nfs4", f"{V4},addr={GUEST_B},hard"),
     "dead": ("-", "dead", "nfs4", f"{V4},addr={GUEST_DEAD},hard"),
 }
 MOUNT_TIMEOUT = 6.0
+IO_TIMEOUTS = {"v4timeo": 2.0}  # exports with fusemux's own io_timeout
 
 
 def pattern(seed: int, size: int) -> bytes:
@@ -310,6 +313,8 @@ class NfsTier:
                 f'fstype = "{fstype}"',
                 f'options = "{options}"',
             ]
+            if export in IO_TIMEOUTS:
+                config.append(f"io_timeout = {IO_TIMEOUTS[export]}")
         shares = f"{CINDER_SHARE} -o {V4},addr={GUEST_A},hard\n"
         payload = self.guest.payload("\n".join(config) + "\n", shares)
         self.guest.boot(

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from tests.nfs.harness import CINDER_EXPORT, EXPORTS, MOUNT_TIMEOUT, VOLUME_SIZE, NfsTier
+from tests.nfs.harness import (
+    CINDER_EXPORT,
+    EXPORTS,
+    IO_TIMEOUTS,
+    MOUNT_TIMEOUT,
+    VOLUME_SIZE,
+    NfsTier,
+)
 
 OUTAGE = 5.0  # long enough for `fusemux status` (2-3 s under TCG) to finish inside it
 
@@ -59,7 +66,7 @@ def test_unreachable(nfs: NfsTier, record: dict[str, Any]) -> None:
     assert max(data["other_read_s"]) < 2.0
 
 
-@pytest.mark.parametrize("export", ["v3hard", "v3soft", "v4hard", "v4soft"])
+@pytest.mark.parametrize("export", ["v3hard", "v3soft", "v4hard", "v4soft", "v4timeo"])
 def test_outage(nfs: NfsTier, record: dict[str, Any], export: str) -> None:
     """SIGSTOP the server while a volume is read; others, xattrs and status keep answering."""
     data = nfs.run(
@@ -80,6 +87,10 @@ def test_outage(nfs: NfsTier, record: dict[str, Any], export: str) -> None:
     assert data["status_export"].get("backing_answers") is False
     assert "first_ok_after_cont_s" in data
     assert data["md5_reopen"]
+    if export in IO_TIMEOUTS:
+        # fusemux's io_timeout turns the stuck read into ETIMEDOUT after that time.
+        assert "ETIMEDOUT" in data["read_errnos"], data["read_errnos"]
+        assert IO_TIMEOUTS[export] - 0.5 <= data["first_err_after_stop_s"] < OUTAGE
 
 
 @pytest.mark.parametrize("export", ["v4hard", "v3hard"])

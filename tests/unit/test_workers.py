@@ -6,6 +6,7 @@ isolation (a hung export does not delay another one), thread reuse and idle thre
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,14 @@ import trio
 from fusemux.config import ExportConfig
 from fusemux.core import workers
 from fusemux.core.exports import THREADS_PER_EXPORT, Export
+from fusemux.errors import IoTimeout
+
+
+async def tokens_returned(export: Export, timeout: float = 5.0) -> None:
+    """Wait until every limiter token of *export* is back (the abandoned call has ended)."""
+    with trio.fail_after(timeout):
+        while export.limiter.borrowed_tokens:  # noqa: ASYNC110 - polls a thread-side effect
+            await trio.sleep(0.01)
 
 
 def _export(name: str) -> Export:
@@ -83,3 +92,34 @@ async def test_threads_are_reused_and_end_when_idle(monkeypatch: pytest.MonkeyPa
         await trio.sleep(0.01)
     assert pool.threads == 0
     assert await pool.run(abs, -7) == 7  # a new thread starts on demand
+
+
+async def test_timeout_gives_up_waiting_but_keeps_the_token_until_the_call_ends() -> None:
+    export = _export("gold")
+    pool = workers.for_export(export)
+    release = threading.Event()
+    start = time.monotonic()
+    with pytest.raises(IoTimeout) as info:
+        await pool.run(release.wait, 10, timeout=0.2)
+    assert info.value.errno == errno.ETIMEDOUT
+    assert 0.2 <= time.monotonic() - start < 2
+    # The call goes on in its thread and keeps its limiter token: the export's bound holds.
+    assert export.limiter.borrowed_tokens == 1
+    release.set()
+    await tokens_returned(export)
+    assert export.limiter.borrowed_tokens == 0
+    # A call that returns in time is unaffected by the timeout.
+    assert await pool.run(lambda: 42, timeout=5) == 42
+    assert export.limiter.borrowed_tokens == 0
+
+
+async def test_cancelling_a_timed_call_does_not_leak_its_token() -> None:
+    export = _export("gold")
+    pool = workers.for_export(export)
+    release = threading.Event()
+    with trio.move_on_after(0.1):
+        await pool.run(release.wait, 10, timeout=5)
+    assert export.limiter.borrowed_tokens == 1
+    release.set()
+    await tokens_returned(export)
+    assert export.limiter.borrowed_tokens == 0

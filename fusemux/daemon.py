@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 FUSE_FSTYPE = "fuse.fusemux"
 PR_SET_IO_FLUSHER = 57
 PID_FILE = "fusemux.pid"
+# How long a stop request waits for RELEASEs still in flight before it counts open volumes.
+RELEASE_GRACE = 1.0
 # Open volumes need one backing fd each; a big host has thousands (plus dups for O_DIRECT).
 WANT_NOFILE = 1 << 20
 
@@ -225,6 +227,11 @@ async def _watch_signals(fs: FileSystem, options: Options, terminate: Callable[[
             if signum == signal.SIGHUP:
                 await _reload(fs, options.config_path)
                 continue
+            # A RELEASE reaches the daemon after the application's close() has returned:
+            # give closes that are still on their way a moment before judging.
+            with trio.move_on_after(RELEASE_GRACE):
+                while fs.users():
+                    await trio.sleep(0.02)
             users = fs.users()
             users += [
                 f"mapping {label} used by {', '.join(what)}"

@@ -230,7 +230,7 @@ async def _watch_signals(fs: FileSystem, options: Options, terminate: Callable[[
             # A RELEASE reaches the daemon after the application's close() has returned:
             # give closes that are still on their way a moment before judging.
             with trio.move_on_after(RELEASE_GRACE):
-                while fs.users():
+                while fs.users():  # noqa: ASYNC110 - a short poll; RELEASE has no event
                     await trio.sleep(0.02)
             users = fs.users()
             users += [

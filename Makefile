@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/apt-install.sh
 	bash scripts/setup.sh
 
 setup: $(STAMP) ## install apt packages, create .venv and install fusemux into it

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Host packages for the NFS guest tier (tests/nfs, `make test-nfs`), on Debian 12 as root.
 # Kept apart from scripts/setup.sh so that the normal setup stays lean. The guest's kernel,
-# busybox and rootfs are NOT installed here: tests/nfs/build-image.sh downloads and unpacks
+# busybox and rootfs are NOT installed here: tests/nfs/image.py downloads and unpacks
 # them into a cache (apt-get download + dpkg-deb -x, debootstrap), never onto the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,19 +13,7 @@ APT_PACKAGES=(
   iproute2 util-linux kmod                # `ip link set lo up`, unshare
 )
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "setup-nfs: missing packages ${missing[*]}; run as root (apt-get install)" >&2
-    exit 1
-  fi
-  echo "setup-nfs: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  # ganesha's postinst starts its services where systemd runs; policy-rc.d keeps them off.
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# The server packages must not start their own services on the host (the tier runs its own
+# ganesha and rpcbind inside a private network namespace).
+APT_TAG=setup-nfs NO_SERVICES=1 bash scripts/apt-install.sh "${APT_PACKAGES[@]}"
 echo "setup-nfs: host packages done"

@@ -11,20 +11,7 @@ APT_PACKAGES=(
   fio mergerfs
 )
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: missing packages ${missing[*]}; run as root (apt-get install)" >&2
-    exit 1
-  fi
-  echo "setup: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+APT_TAG=setup bash scripts/apt-install.sh "${APT_PACKAGES[@]}"
 
 # The system Python (Debian's 3.11) has venv and headers once the packages above are in.
 PY=/usr/bin/python3

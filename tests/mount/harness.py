@@ -35,6 +35,16 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(0.02)
 
 
+def stays(cond: Callable[[], object], seconds: float) -> bool:
+    """True if *cond* stays truthy for *seconds* (sampled every 20 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not cond():
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def mounted_at(path: str | Path) -> list[str]:
     """fstypes mounted at *path*, by mountinfo (never stat()s a FUSE mountpoint)."""
     target = os.path.abspath(path)

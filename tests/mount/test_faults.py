@@ -50,6 +50,7 @@ from tests.mount.harness import (
     mounted_at,
     pid_alive,
     run,
+    stays,
     wait_for,
 )
 
@@ -94,16 +95,6 @@ def read_latencies(path: Path, count: int, expect: bytes) -> list[float]:
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
-def stays(cond: Callable[[], object], seconds: float) -> bool:
-    """True if *cond* stays truthy for *seconds* (sampled every 20 ms)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not cond():
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def helper_gone(pid: int) -> bool:

@@ -18,20 +18,9 @@ from pathlib import Path
 import pytest
 
 from fusemux.config import share_export_name
-from tests.mount.harness import Daemon, mounted_at, run, wait_for
+from tests.mount.harness import Daemon, mounted_at, run, stays, wait_for
 
 VOL = b"volume-data\n" * 100
-
-
-def stays(cond: object, seconds: float) -> bool:
-    """True if callable *cond* stays truthy for *seconds* (sampled)."""
-    assert callable(cond)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not cond():
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_lazy_mount_on_first_open(daemon: Daemon) -> None:

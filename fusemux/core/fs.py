@@ -72,9 +72,6 @@ BLOCK = 4096
 # Volume entries built per READDIR call (a kernel buffer holds far fewer; the rest is asked
 # for again from the last offset).
 READDIR_BATCH = 256
-# Requests of one export allowed to wait on its backing filesystem at once. Half the engine's
-# concurrent requests (pyfuse3: MAX_TASKS = 512), so other exports always keep the rest.
-MAX_INFLIGHT_PER_EXPORT = 256
 # Errnos of a path lookup on a backing mount that may have been unmounted under us.
 _VANISHED = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTCONN})
 
@@ -176,32 +173,8 @@ class FileSystem:
     # -- helpers -----------------------------------------------------------------------
 
     async def _io(self, export: Export, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking call on *export*'s backing filesystem in one of its worker threads.
-
-        At most MAX_INFLIGHT_PER_EXPORT requests of one export may be in here at once (in a
-        thread or queued for one). The engine serves a bounded number of requests at a time
-        for the whole mount, so without this cap a hung export would soak all of them up and
-        stall every other export. Beyond it, requests fail at once with EIO.
-        """
-        if export.inflight >= MAX_INFLIGHT_PER_EXPORT:
-            if not export.saturated:
-                export.saturated = True
-                log.warning(
-                    "export %s: %d requests are stuck on its backing filesystem; failing "
-                    "new ones with EIO until they drain",
-                    export.name,
-                    export.inflight,
-                )
-            raise FusemuxError(f"export {export.name} is not answering", errno.EIO)
-        export.inflight += 1
-        try:
-            timeout = export.config.io_timeout or None
-            return await workers.for_export(export).run(fn, *args, timeout=timeout)
-        finally:
-            export.inflight -= 1
-            if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:
-                export.saturated = False
-                log.info("export %s: its backing filesystem answers again", export.name)
+        """Run a blocking call on *export*'s backing filesystem (see :func:`workers.run`)."""
+        return await workers.run(export, fn, *args)
 
     def _dir_attr(self, node: Node) -> Attr:
         now = self._dir_time_ns

@@ -32,7 +32,7 @@ from typing import TypeVar
 import trio
 
 from fusemux.config import Config
-from fusemux.core import loopdev, nbd, partitions
+from fusemux.core import loopdev, nbd, partitions, workers
 from fusemux.core.exports import Export, ExportManager
 from fusemux.core.images import ImageCache
 from fusemux.errors import (
@@ -183,7 +183,7 @@ class MappingManager:
     # -- map and unmap -----------------------------------------------------------------
 
     async def _io(self, export: Export, fn: Callable[..., T], *args: object) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=export.limiter)
+        return await workers.run(export, fn, *args)
 
     async def map(self, export_name: str, name: str, request: MapRequest) -> Mapping:
         """Map volume *name* of *export_name*; the mapping holds the export until unmapped."""

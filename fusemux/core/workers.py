@@ -1,6 +1,8 @@
 """Per-export worker threads: where every blocking syscall on a backing filesystem runs.
 
-This module owns the offload of blocking calls out of the trio thread. Each export gets its
+This module owns the offload of blocking calls out of the trio thread. :func:`run` is the
+one entry point the core uses (file operations, image headers, mappings): it adds the
+per-export in-flight cap and the export's ``io_timeout`` to the pool below. Each export gets its
 own small pool of reusable threads (:class:`ExportWorkers`, at most
 ``exports.THREADS_PER_EXPORT`` threads, created on demand and ended after
 :data:`IDLE_TIMEOUT` seconds idle). A call first takes a token of the export's own
@@ -25,6 +27,8 @@ is started for it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import queue
 import threading
 import weakref
@@ -35,10 +39,15 @@ import outcome
 import trio
 
 from fusemux.core.exports import THREADS_PER_EXPORT, Export
-from fusemux.errors import IoTimeout
+from fusemux.errors import FusemuxError, IoTimeout
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
+# Calls of one export allowed to wait on its backing filesystem at once. Half the engine's
+# concurrent requests (pyfuse3: MAX_TASKS = 512), so other exports always keep the rest.
+MAX_INFLIGHT_PER_EXPORT = 256
 # A worker thread with nothing to do for this long ends (trio's own thread cache uses 10 s).
 IDLE_TIMEOUT = 10.0
 
@@ -150,6 +159,36 @@ class ExportWorkers:
 
 
 _pools: weakref.WeakKeyDictionary[Export, ExportWorkers] = weakref.WeakKeyDictionary()
+
+
+async def run(export: Export, fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call on *export*'s backing filesystem: the one way the core does it.
+
+    In one of the export's worker threads, with the export's ``io_timeout`` (ETIMEDOUT when
+    exceeded). At most MAX_INFLIGHT_PER_EXPORT calls of one export may be in here at once
+    (in a thread or queued for one): the engine serves a bounded number of requests at a
+    time for the whole mount, so without this cap a hung export would soak all of them up
+    and stall every other export. Beyond it, calls fail at once with EIO.
+    """
+    if export.inflight >= MAX_INFLIGHT_PER_EXPORT:
+        if not export.saturated:
+            export.saturated = True
+            log.warning(
+                "export %s: %d requests are stuck on its backing filesystem; failing "
+                "new ones with EIO until they drain",
+                export.name,
+                export.inflight,
+            )
+        raise FusemuxError(f"export {export.name} is not answering", errno.EIO)
+    export.inflight += 1
+    try:
+        timeout = export.config.io_timeout or None
+        return await for_export(export).run(fn, *args, timeout=timeout)
+    finally:
+        export.inflight -= 1
+        if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:
+            export.saturated = False
+            log.info("export %s: its backing filesystem answers again", export.name)
 
 
 def for_export(export: Export) -> ExportWorkers:

@@ -31,6 +31,7 @@ import fusemux.core.fs as fs_mod
 from fusemux import __version__
 from fusemux.config import Config
 from fusemux.core import handles as hio
+from fusemux.core import workers
 from fusemux.core.exports import State
 from fusemux.core.fs import (
     BLOCK,
@@ -880,7 +881,7 @@ async def test_backing_mount_that_vanished_is_mounted_again(env: Env) -> None:
 async def test_a_hung_export_cannot_take_every_request_slot(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fs_mod, "MAX_INFLIGHT_PER_EXPORT", 4)
+    monkeypatch.setattr(workers, "MAX_INFLIGHT_PER_EXPORT", 4)
     gold = await env.fs.open(await env.volume("gold", "vm1.raw"), os.O_RDONLY, ME)
     silver = await env.fs.open(await env.volume("silver", "disk"), os.O_RDONLY, ME)
     release = threading.Event()

@@ -114,6 +114,8 @@ class Export:
         self.removed = False  # dropped from the config by a reload
         self.inflight = 0  # requests in (or queued for) a worker thread on this export
         self.statvfs_probe: Any = None  # fs.StatvfsProbe in flight, shared by its callers
+        # Set by ExportManager: take a holder now; returns the function that drops it.
+        self.hold: Callable[[], Callable[[], None]] = lambda: lambda: None
         self.saturated = False  # inflight hit the cap; new requests fail with EIO
 
     @property
@@ -162,11 +164,24 @@ class ExportManager:
         self.mounter = mounter
         self.nursery = nursery  # where linger tasks run; set before the first request
         self.exports: dict[str, Export] = {
-            name: Export(cfg, config.mnt_dir / name) for name, cfg in config.exports.items()
+            name: self._new_export(cfg) for name, cfg in config.exports.items()
         }
         self.closing = False
         # Called with an export's name when a removed export has gone idle and is dropped.
         self.on_removed: Callable[[str], None] = lambda name: None
+
+    def _new_export(self, cfg: ExportConfig) -> Export:
+        export = Export(cfg, self.config.mnt_dir / cfg.name)
+
+        def hold() -> Callable[[], None]:
+            # A backing call still running after its caller gave up (io_timeout): it uses
+            # the backing mount like a lookup does, so it holds the export until it returns.
+            export.holders += 1
+            self._cancel_linger(export)
+            return lambda: self.release(export, transient=True)
+
+        export.hold = hold
+        return export
 
     def get(self, name: str) -> Export:
         try:
@@ -449,7 +464,7 @@ class ExportManager:
         for name, cfg in config.exports.items():
             export = old.get(name)
             if export is None:
-                self.exports[name] = Export(cfg, config.mnt_dir / name)
+                self.exports[name] = self._new_export(cfg)
                 changes.append(f"export {name}: added")
                 continue
             if export.removed:

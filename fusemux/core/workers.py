@@ -60,6 +60,10 @@ _Job = tuple[
 ]
 
 
+def _nothing() -> None:
+    pass
+
+
 def _abort(_: object) -> trio.lowlevel.Abort:
     # Like trio.to_thread.run_sync without abandon_on_cancel: a syscall in flight cannot be
     # abandoned, so the caller waits for it (the export's limiter stays correct).
@@ -82,13 +86,21 @@ class ExportWorkers:
     def threads(self) -> int:
         return self._threads
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout: float | None = None,
+        on_abandon: Callable[[], Callable[[], None]] | None = None,
+    ) -> T:
         """Run ``fn(*args)`` in one of this export's threads and return (or raise) its result.
 
         With *timeout*, the caller stops waiting after that many seconds and gets
         :class:`IoTimeout`; the call itself cannot be stopped and goes on in its thread,
         which keeps its limiter token until it returns (so a hung export still ties up at
         most its own threads). Without, the caller waits for as long as the call takes.
+        *on_abandon* is called when the caller gives up; what it returns is called once the
+        abandoned call has returned.
         """
         borrower = object()
         try:
@@ -97,16 +109,20 @@ class ExportWorkers:
             await self.limiter.acquire_on_behalf_of(borrower)
         task = trio.lowlevel.current_task()
         abandoned = False
+        finished: Callable[[], None] = _nothing
 
         def deliver(result: outcome.Outcome[Any]) -> None:
             if abandoned:  # the caller gave up: the thread is free now, so is its token
                 self.limiter.release_on_behalf_of(borrower)
+                finished()
             else:
                 trio.lowlevel.reschedule(task, result)
 
         def give_up(_: object) -> trio.lowlevel.Abort:
-            nonlocal abandoned
+            nonlocal abandoned, finished
             abandoned = True
+            if on_abandon is not None:
+                finished = on_abandon()
             return trio.lowlevel.Abort.SUCCEEDED
 
         try:
@@ -165,10 +181,12 @@ async def run(export: Export, fn: Callable[..., T], *args: Any) -> T:
     """Run a blocking call on *export*'s backing filesystem: the one way the core does it.
 
     In one of the export's worker threads, with the export's ``io_timeout`` (ETIMEDOUT when
-    exceeded). At most MAX_INFLIGHT_PER_EXPORT calls of one export may be in here at once
-    (in a thread or queued for one): the engine serves a bounded number of requests at a
-    time for the whole mount, so without this cap a hung export would soak all of them up
-    and stall every other export. Beyond it, calls fail at once with EIO.
+    exceeded; a call abandoned that way stays a holder of the export until it returns, so
+    the export is not unmounted under it). At most MAX_INFLIGHT_PER_EXPORT calls of one
+    export may be in here at once (in a thread or queued for one): the engine serves a
+    bounded number of requests at a time for the whole mount, so without this cap a hung
+    export would soak all of them up and stall every other export. Beyond it, calls fail at
+    once with EIO.
     """
     if export.inflight >= MAX_INFLIGHT_PER_EXPORT:
         if not export.saturated:
@@ -183,7 +201,7 @@ async def run(export: Export, fn: Callable[..., T], *args: Any) -> T:
     export.inflight += 1
     try:
         timeout = export.config.io_timeout or None
-        return await for_export(export).run(fn, *args, timeout=timeout)
+        return await for_export(export).run(fn, *args, timeout=timeout, on_abandon=export.hold)
     finally:
         export.inflight -= 1
         if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:

@@ -581,6 +581,10 @@ def test_io_timeout_turns_a_hung_read_into_etimedout(hangfs: HangFs, daemon: Dae
         assert info.value.errno == errno.ETIMEDOUT
         assert 0.9 <= took < 5, took
         assert daemon.state_of("sick") == "mounted"
+        # The abandoned read (and any readahead the kernel sent with it) still uses the
+        # backing mount: each holds the export, beside fd's handle, until it returns, so no
+        # unmount is attempted under it.
+        assert int(daemon.xattr(daemon.volumes("sick"), "holders")) >= 2
         hangfs.unblock()
         # The abandoned read finishes in the background; new reads are served normally.
         assert os.pread(fd, 65536, 256 * 1024) == expected[256 * 1024 : 320 * 1024]

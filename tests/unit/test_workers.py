@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,24 @@ async def test_cancelling_a_timed_call_does_not_leak_its_token() -> None:
     release.set()
     await tokens_returned(export)
     assert export.limiter.borrowed_tokens == 0
+
+
+async def test_an_abandoned_call_reports_when_it_ends() -> None:
+    export = _export("gold")
+    pool = workers.for_export(export)
+    release = threading.Event()
+    events: list[str] = []
+
+    def on_abandon() -> Callable[[], None]:
+        events.append("abandoned")
+        return lambda: events.append("ended")
+
+    with pytest.raises(IoTimeout):
+        await pool.run(release.wait, 10, timeout=0.1, on_abandon=on_abandon)
+    assert events == ["abandoned"]
+    release.set()
+    await tokens_returned(export)
+    assert events == ["abandoned", "ended"]
+    # In time: neither is called.
+    assert await pool.run(lambda: 1, timeout=5, on_abandon=on_abandon) == 1
+    assert events == ["abandoned", "ended"]

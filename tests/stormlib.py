@@ -859,12 +859,13 @@ def run_storm(
     work.mkdir(exist_ok=True)
     status = work / "sampler-status.json"
     kids = Children(work)
+    stop = _mp.Event()  # ends the sampler; the canary holds on until canary_stop
+    canary_stop = _mp.Event()
+    abort = _mp.Event()
     try:
-        stop = _mp.Event()
-        abort = _mp.Event()
         canary_ready = _mp.Event()
         sampler_ready = _mp.Event()
-        kids.start("canary", canary_main, layout, canary_ready, stop)
+        kids.start("canary", canary_main, layout, canary_ready, canary_stop)
         if not canary_ready.wait(30):
             raise RuntimeError(f"canary not ready: {kids.join('canary', 0)}")
         kids.start("sampler", sampler_main, layout, cfg, sampler_ready, stop, status)
@@ -899,11 +900,16 @@ def run_storm(
         for name in workers:
             worker_results.append(kids.join(name, deadline + 60 - time.monotonic()))
         result.storm_seconds = round(time.monotonic() - start, 1)
+        # The sampler checks that the canary's export is mounted in every snapshot, so it
+        # must stop before the canary closes (with linger 0 that close unmounts the export).
         stop.set()
         sampler = kids.join("sampler", 30)
+        canary_stop.set()
         canary = kids.join("canary", 30)
     finally:
         abort.set()
+        stop.set()
+        canary_stop.set()
         kids.kill_all()
 
     # Figures and continuous-check results.

@@ -9,6 +9,7 @@ TOML keys (unknown keys are errors)::
     state_dir = "/run/fusemux"
     linger = 10.0
     mount_timeout = 60.0
+    engine = "auto"                          # "auto" | "pyfuse3" | "passthrough"
     shares_file = "/etc/cinder/nfs_shares"   # optional
     shares_fstype = "nfs"
 
@@ -38,6 +39,9 @@ DEFAULT_STATE_DIR = "/run/fusemux"
 DEFAULT_LINGER = 10.0
 DEFAULT_MOUNT_TIMEOUT = 60.0
 DEFAULT_FSTYPE = "nfs"
+# The FUSE engine: "passthrough" is fusemux's own /dev/fuse engine with kernel passthrough,
+# "pyfuse3" the libfuse-based one; "auto" picks passthrough where the kernel offers it.
+ENGINES = ("auto", "pyfuse3", "passthrough")
 
 TOP_KEYS = frozenset(
     {
@@ -45,6 +49,7 @@ TOP_KEYS = frozenset(
         "linger",
         "mount_timeout",
         "io_timeout",
+        "engine",
         "shares_file",
         "shares_fstype",
         "exports",
@@ -89,6 +94,7 @@ class Config:
     linger: float = DEFAULT_LINGER
     mount_timeout: float = DEFAULT_MOUNT_TIMEOUT
     exports: Mapping[str, ExportConfig] = field(default_factory=dict)
+    engine: str = "auto"
     source_file: str = ""
 
     @property
@@ -291,6 +297,11 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         err("mount_timeout must be a number of seconds > 0", "mount_timeout")
         mount_timeout = DEFAULT_MOUNT_TIMEOUT
 
+    engine = data.get("engine", "auto")
+    if engine not in ENGINES:
+        err(f"engine must be one of {', '.join(map(repr, ENGINES))}", "engine")
+        engine = "auto"
+
     shares_fstype = data.get("shares_fstype", DEFAULT_FSTYPE)
     if not isinstance(shares_fstype, str) or not _FSTYPE_RE.fullmatch(shares_fstype):
         err("shares_fstype must be a filesystem type name such as 'nfs'", "shares_fstype")
@@ -343,6 +354,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         mount_timeout=float(mount_timeout),
         exports=dict(sorted(exports.items())),
         source_file=str(path),
+        engine=str(engine),
     )
 
 

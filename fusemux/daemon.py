@@ -253,15 +253,18 @@ async def _watch_signals(fs: FileSystem, options: Options, terminate: Callable[[
 
 
 async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Options) -> None:
-    from fusemux.engines import pyfuse3 as engine
+    from fusemux import engines
+    from fusemux.engines.passthrough import EngineError
 
-    debug_fuse = options.debug_fuse
     fs = FileSystem(config, mounter)
+    # Both block for a moment (a probe mount, then the kernel's INIT): nothing else runs yet.
+    name, why = engines.select(config.engine, config.state_dir)
+    engine = engines.create(name, fs, mountpoint, debug=options.debug_fuse)
+    log.info("engine: %s (%s)", name, why)
     try:
-        engine.mount(fs, mountpoint, debug=debug_fuse)
-    except RuntimeError as e:
-        # pyfuse3.init raises RuntimeError when the kernel refuses the FUSE mount.
-        raise StartupError(f"cannot mount {mountpoint}: {e}") from None
+        engine.mount()
+    except (EngineError, OSError) as e:
+        raise StartupError(f"cannot mount {mountpoint} ({name} engine): {e}") from None
     async with trio.open_nursery() as nursery:
         fs.bind(nursery)
         log.info(

@@ -99,6 +99,9 @@ class OpenReply:
     fh: int
     direct_io: bool
     keep_cache: bool
+    # The handle's backing fd, for engines that hand it to the kernel (FUSE passthrough).
+    # It stays open until release(fh); the engine must not close it.
+    backing_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,10 @@ class FileSystem:
         self.handles = HandleTable()
         self.images = ImageCache()
         self.mappings = MappingManager(config, self.exports, self.images)
+        # Set by the engine that serves this core: its name (user.fusemux.engine) and a
+        # callable rendering its request counters as JSON (user.fusemux.engine_stats).
+        self.engine_name = ""
+        self.engine_stats: Callable[[], str] = lambda: "{}"
         # Synthetic directories carry the daemon's start time.
         self._dir_time_ns = time.time_ns()
 
@@ -172,9 +179,15 @@ class FileSystem:
 
     # -- helpers -----------------------------------------------------------------------
 
-    async def _io(self, export: Export, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking call on *export*'s backing filesystem (see :func:`workers.run`)."""
-        return await workers.run(export, fn, *args)
+    async def _io(
+        self, export: Export, fn: Callable[..., T], *args: object, abandonable: bool = False
+    ) -> T:
+        """Run a blocking call on *export*'s backing filesystem (see :func:`workers.run`).
+
+        *abandonable*: the call has no side effect, so a cancelled caller may stop waiting
+        for it (it then holds the export until it returns, as at io_timeout).
+        """
+        return await workers.run(export, fn, *args, abandonable=abandonable)
 
     def _dir_attr(self, node: Node) -> Attr:
         now = self._dir_time_ns
@@ -289,7 +302,7 @@ class FileSystem:
 
     # -- files -------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int, ctx: Ctx) -> OpenReply:
+    async def open(self, ino: int, flags: int, ctx: Ctx, kill_suidgid: bool = False) -> OpenReply:
         node = self._volume(ino)
         export_cfg = self.exports.get(node.export).config
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
@@ -300,6 +313,12 @@ class FileSystem:
         try:
             path = export.backing_path(node.name)
             fd, direct = await self._backing(export, hio.open_backing, path, flags)
+            if kill_suidgid:  # O_TRUNC by an unprivileged caller (FUSE_OPEN_KILL_SUIDGID)
+                try:
+                    await self._io(export, hio.kill_suidgid, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
         except BaseException:
             self.exports.release(export)
             raise
@@ -318,21 +337,62 @@ class FileSystem:
         )
         log.debug("open %s/%s fh=%d by %d:%s", node.export, node.name, fh, pid, comm)
         # O_DIRECT opens get direct_io replies, so the kernel's page cache is bypassed too.
-        return OpenReply(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False)
+        return OpenReply(
+            fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False, backing_fd=fd
+        )
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.file(fh)
-        return await self._io(handle.export, hio.read, handle, off, size)
+        # A read has no side effect: if its caller is cancelled (an interrupted request),
+        # it is abandoned like one past io_timeout, so a killed reader is not held up.
+        return await self._io(handle.export, hio.read, handle, off, size, abandonable=True)
 
-    async def write(self, fh: int, off: int, data: bytes) -> int:
+    async def write(self, fh: int, off: int, data: bytes, kill_suidgid: bool = False) -> int:
+        """Write *data*; *kill_suidgid* clears set-ID bits first (FUSE_WRITE_KILL_SUIDGID)."""
         handle = self.handles.file(fh)
         if handle.export.config.read_only:
             raise ReadOnlyExport(f"export {handle.export.name} is read-only")
         handle.dirty = True
-        return await self._io(handle.export, hio.write, handle, off, data)
+        return await self._io(handle.export, hio.write, handle, off, data, kill_suidgid)
 
-    async def flush(self, fh: int) -> None:
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on the backing file: preallocation, punch-hole (qemu discard),
+        zero-range. The backing filesystem's errno (EOPNOTSUPP included) is passed on."""
         handle = self.handles.file(fh)
+        if handle.export.config.read_only:
+            raise ReadOnlyExport(f"export {handle.export.name} is read-only")
+        handle.dirty = True
+        await self._io(handle.export, hio.fallocate, handle, mode, off, length)
+
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE (and the plain whences) answered by the backing file."""
+        handle = self.handles.file(fh)
+        return await self._io(handle.export, hio.lseek, handle, off, whence, abandonable=True)
+
+    async def access(self, ino: int, mask: int, ctx: Ctx) -> None:
+        """access(2) for engines that get asked; permissions are the kernel's
+        (default_permissions), so this only checks that the node exists and that a write
+        is not asked of a read-only export's volume."""
+        node = self.namespace.node(ino)
+        await trio.lowlevel.checkpoint()
+        writing = mask & os.W_OK and node.kind is Kind.VOLUME
+        if writing and self.exports.get(node.export).config.read_only:
+            raise ReadOnlyExport(f"export {node.export} is read-only")
+
+    async def handle_call(self, fh: int, fn: Callable[..., T], *args: object) -> T:
+        """Run an engine's blocking call that concerns handle *fh* (such as dropping a kernel
+        registration of its backing file) in the handle's export workers, with the same
+        isolation and io_timeout as the core's own calls."""
+        handle = self.handles.file(fh)
+        return await self._io(handle.export, fn, *args)
+
+    async def flush(self, fh: int, written_elsewhere: bool = False) -> None:
+        """close()-time flush. *written_elsewhere*: the engine let the kernel write to the
+        backing file directly (passthrough), so the handle may be dirty without the core
+        having seen a write."""
+        handle = self.handles.file(fh)
+        if written_elsewhere and handle.writable:
+            handle.dirty = True
         if not handle.dirty:
             await trio.lowlevel.checkpoint()
             return  # nothing written through this handle since the last flush: no error to report
@@ -341,7 +401,7 @@ class FileSystem:
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles.file(fh)
-        await self._io(handle.export, hio.fsync, handle, datasync)
+        await self._io(handle.export, hio.fsync, handle, datasync, abandonable=True)
 
     async def release(self, fh: int) -> None:
         handle = self.handles.files.pop(fh, None)
@@ -406,11 +466,19 @@ class FileSystem:
 
     # -- filesystem ----------------------------------------------------------------------
 
-    async def statfs(self, ctx: Ctx) -> StatFs:
+    async def statfs(self, ctx: Ctx, ino: int | None = None) -> StatFs:
         """The mount as a whole: the sum over exports that are mounted right now.
 
         The exports are asked concurrently, so a sick one costs at most STATVFS_TIMEOUT.
+        With *ino* inside an export (its directory or a volume; engines whose statfs request
+        carries the inode), the answer is that export's own backing filesystem, mounted or
+        not: ``df`` on a volume shows the space its image can grow into. An export that does
+        not answer gives EIO after STATVFS_TIMEOUT.
         """
+        if ino is not None:
+            node = self.namespace.node(ino)
+            if node.export is not None and node.kind in (Kind.EXPORT, Kind.VOLUME):
+                return await self._export_statfs(node.export)
         results: dict[str, os.statvfs_result | None] = {}
 
         async def one(name: str) -> None:
@@ -434,6 +502,21 @@ class FileSystem:
                 ffree=total.ffree + st.f_ffree,
             )
         return total
+
+    async def _export_statfs(self, name: str) -> StatFs:
+        async with self.exports.hold(name):
+            st = await self._statvfs(name)
+        if st is None:
+            raise FusemuxError(f"statvfs of export {name} did not answer", errno.EIO)
+        return StatFs(
+            bsize=st.f_frsize,
+            blocks=st.f_blocks,
+            bfree=st.f_bfree,
+            bavail=st.f_bavail,
+            files=st.f_files,
+            ffree=st.f_ffree,
+            namemax=min(st.f_namemax, NAME_MAX),
+        )
 
     async def _statvfs(self, name: str) -> os.statvfs_result | None:
         """statvfs of a mounted export's backing filesystem; None if not mounted or sick.
@@ -533,7 +616,9 @@ class FileSystem:
         node = self.namespace.node(ino)
         values: dict[str, str] = {}
         if node.kind is Kind.ROOT:
-            values = dict(xattrs.render_root(__version__, os.getpid()))
+            values = dict(
+                xattrs.render_root(__version__, os.getpid(), self.engine_name, self.engine_stats())
+            )
         elif node.kind is Kind.EXPORT:
             export = self.exports.get(node.export)
             snap = export.snapshot()

@@ -20,6 +20,7 @@ thread (:mod:`fusemux.core.workers` ends idle threads).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -49,6 +50,9 @@ class SetAttr:
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
+    # The kernel asks (FUSE_HANDLE_KILLPRIV_V2) to clear set-user-ID and set-group-ID as a
+    # truncate by an unprivileged caller would.
+    kill_suidgid: bool = False
 
 
 @dataclass
@@ -178,6 +182,8 @@ def setattr_backing(path: Path, change: SetAttr, fd: int | None) -> None:
             uid = -1 if change.uid is None else change.uid
             gid = -1 if change.gid is None else change.gid
             os.fchown(own, uid, gid)
+        if change.kill_suidgid and change.mode is None:
+            kill_suidgid(own)
         if change.atime_ns is not None or change.mtime_ns is not None:
             st = os.fstat(own)
             atime = st.st_atime_ns if change.atime_ns is None else change.atime_ns
@@ -185,6 +191,45 @@ def setattr_backing(path: Path, change: SetAttr, fd: int | None) -> None:
             os.utime(own, ns=(atime, mtime))
     finally:
         os.close(own)
+
+
+def kill_suidgid(fd: int) -> None:
+    """Clear set-user-ID, and set-group-ID where group execute is set (as the kernel does for
+    an unprivileged write or truncate). One fstat; an fchmod only when a bit is set."""
+    mode = os.fstat(fd).st_mode
+    kill = stat.S_ISUID if mode & stat.S_ISUID else 0
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    if kill:
+        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+
+
+def fallocate(handle: Handle, mode: int, off: int, length: int) -> None:
+    """fallocate(2) on the backing fd (punch-hole, zero-range, preallocate)."""
+    res = _libc().fallocate(handle.fd, mode, ctypes.c_long(off), ctypes.c_long(length))
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def lseek(handle: Handle, off: int, whence: int) -> int:
+    """lseek(2) on the backing fd: SEEK_DATA/SEEK_HOLE find the image's allocated extents.
+
+    The handle's fd offset is never used for I/O (reads and writes are positional), so moving
+    it is harmless.
+    """
+    return os.lseek(handle.fd, off, whence)
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return _LIBC
 
 
 def _aligned(n: int) -> int:
@@ -231,7 +276,9 @@ def read(handle: Handle, off: int, size: int) -> bytes:
     return os.pread(_buffered_fd(handle), size, off)
 
 
-def write(handle: Handle, off: int, data: bytes) -> int:
+def write(handle: Handle, off: int, data: bytes, kill_privs: bool = False) -> int:
+    if kill_privs:
+        kill_suidgid(handle.fd)
     if not handle.direct:
         return os.pwrite(handle.fd, data, off)
     size = len(data)

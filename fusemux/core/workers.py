@@ -92,6 +92,7 @@ class ExportWorkers:
         *args: Any,
         timeout: float | None = None,
         on_abandon: Callable[[], Callable[[], None]] | None = None,
+        abandonable: bool = False,
     ) -> T:
         """Run ``fn(*args)`` in one of this export's threads and return (or raise) its result.
 
@@ -100,7 +101,8 @@ class ExportWorkers:
         which keeps its limiter token until it returns (so a hung export still ties up at
         most its own threads). Without, the caller waits for as long as the call takes.
         *on_abandon* is called when the caller gives up; what it returns is called once the
-        abandoned call has returned.
+        abandoned call has returned. *abandonable*: a cancelled caller also gives up at once
+        (without it, and without *timeout*, a cancelled caller waits for the call).
         """
         borrower = object()
         try:
@@ -128,7 +130,8 @@ class ExportWorkers:
         try:
             self._submit((fn, args, deliver, trio.lowlevel.current_trio_token()))
             if timeout is None:
-                result: T = await trio.lowlevel.wait_task_rescheduled(_abort)
+                abort = give_up if abandonable else _abort
+                result: T = await trio.lowlevel.wait_task_rescheduled(abort)
                 return result
             with trio.move_on_after(timeout):
                 result = await trio.lowlevel.wait_task_rescheduled(give_up)
@@ -177,7 +180,7 @@ class ExportWorkers:
 _pools: weakref.WeakKeyDictionary[Export, ExportWorkers] = weakref.WeakKeyDictionary()
 
 
-async def run(export: Export, fn: Callable[..., T], *args: Any) -> T:
+async def run(export: Export, fn: Callable[..., T], *args: Any, abandonable: bool = False) -> T:
     """Run a blocking call on *export*'s backing filesystem: the one way the core does it.
 
     In one of the export's worker threads, with the export's ``io_timeout`` (ETIMEDOUT when
@@ -187,6 +190,9 @@ async def run(export: Export, fn: Callable[..., T], *args: Any) -> T:
     bounded number of requests at a time for the whole mount, so without this cap a hung
     export would soak all of them up and stall every other export. Beyond it, calls fail at
     once with EIO.
+
+    *abandonable* (calls without side effects, such as reads): a cancelled caller stops
+    waiting at once, and the call is abandoned as at io_timeout. Other calls are waited for.
     """
     if export.inflight >= MAX_INFLIGHT_PER_EXPORT:
         if not export.saturated:
@@ -201,7 +207,9 @@ async def run(export: Export, fn: Callable[..., T], *args: Any) -> T:
     export.inflight += 1
     try:
         timeout = export.config.io_timeout or None
-        return await for_export(export).run(fn, *args, timeout=timeout, on_abandon=export.hold)
+        return await for_export(export).run(
+            fn, *args, timeout=timeout, on_abandon=export.hold, abandonable=abandonable
+        )
     finally:
         export.inflight -= 1
         if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:

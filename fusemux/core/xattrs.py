@@ -19,7 +19,7 @@ CTL = PREFIX + "ctl"
 CTL_COMMANDS = ("mount", "unmount")
 
 # Contract keys first, then fusemux additions; listxattr returns them in this order.
-ROOT_KEYS = ("version", "pid")
+ROOT_KEYS = ("version", "pid", "engine", "engine_stats")
 EXPORT_KEYS = (
     "state",
     "source",
@@ -78,8 +78,8 @@ def export_keys(snapshot: ExportSnapshot) -> list[str]:
     return full(tuple(keys))
 
 
-def render_root(version: str, pid: int) -> Mapping[str, str]:
-    return {"version": version, "pid": str(pid)}
+def render_root(version: str, pid: int, engine: str, engine_stats: str) -> Mapping[str, str]:
+    return {"version": version, "pid": str(pid), "engine": engine, "engine_stats": engine_stats}
 
 
 def render_export(

@@ -13,8 +13,10 @@ the mount as a whole.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -34,11 +36,17 @@ FUSE_OPTIONS = frozenset(
 )
 
 
+# Requests served, by operation (user.fusemux.engine_stats).
+STATS: Counter[str] = Counter()
+
+
 def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn core errors into FUSEError. Anything unexpected is logged with its traceback."""
+    op = fn.__name__.upper()
 
     @wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        STATS[op] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -104,6 +112,7 @@ class Operations(pyfuse3.Operations):
         return _entry(await self.fs.lookup(parent_inode, _name(name), _ctx(ctx)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        STATS["FORGET"] += 1
         # Inodes are derived from paths and kept for the daemon's life; nothing to drop.
         return None
 
@@ -307,3 +316,34 @@ def terminate() -> None:
 
 def close(unmount: bool = True) -> None:
     pyfuse3.close(unmount=unmount)
+
+
+class Pyfuse3Engine:
+    """The :class:`fusemux.engines.Engine` life cycle over this module's functions."""
+
+    name = "pyfuse3"
+
+    def __init__(self, fs: FileSystem, mountpoint: str, debug: bool = False) -> None:
+        self.fs = fs
+        self.mountpoint = mountpoint
+        self.debug = debug
+        fs.engine_name = self.name
+        fs.engine_stats = lambda: json.dumps(
+            {"passthrough": False, "requests": dict(sorted(STATS.items()))}, sort_keys=True
+        )
+
+    def mount(self) -> None:
+        try:
+            mount(self.fs, self.mountpoint, self.debug)
+        except RuntimeError as e:
+            # pyfuse3.init raises RuntimeError when the kernel refuses the FUSE mount.
+            raise OSError(f"cannot mount {self.mountpoint}: {e}") from None
+
+    async def serve(self) -> None:
+        await serve()
+
+    def terminate(self) -> None:
+        terminate()
+
+    def close(self, unmount: bool = True) -> None:
+        close(unmount)

@@ -99,8 +99,9 @@ class OpenReply:
     fh: int
     direct_io: bool
     keep_cache: bool
-    # The handle's backing fd, for engines that hand it to the kernel (FUSE passthrough).
-    # It stays open until release(fh); the engine must not close it.
+    # The handle's backing fd, for engines that hand it to the kernel (FUSE passthrough);
+    # None where I/O must come through the core (an export with io_timeout). It stays open
+    # until release(fh); the engine must not close it.
     backing_fd: int | None = None
 
 
@@ -337,8 +338,12 @@ class FileSystem:
         )
         log.debug("open %s/%s fh=%d by %d:%s", node.export, node.name, fh, pid, comm)
         # O_DIRECT opens get direct_io replies, so the kernel's page cache is bypassed too.
+        # An export with io_timeout is promised that no I/O waits longer than that; only I/O
+        # that reaches fusemux can keep the promise, so its fd is not offered for kernel
+        # passthrough (reads and writes then come here, through the export's workers).
+        offer = None if export.config.io_timeout else fd
         return OpenReply(
-            fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False, backing_fd=fd
+            fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False, backing_fd=offer
         )
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -597,7 +597,13 @@ class Session:
 
     async def _open(self, req: Request) -> None:
         flags, open_flags = abi.OPEN_IN.unpack_from(req.body)
-        kill = bool(open_flags & abi.OPEN_KILL_SUIDGID)
+        # Passthrough writes never reach fusemux, and under HANDLE_KILLPRIV_V2 the kernel
+        # leaves clearing set-ID bits to the server, so an unprivileged writer gets them
+        # cleared at open (stricter than at the first write, never looser).
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        kill = bool(open_flags & abi.OPEN_KILL_SUIDGID) or (
+            self.passthrough and writing and req.ctx.uid != 0
+        )
         reply = await self.fs.open(req.nodeid, flags, req.ctx, kill_suidgid=kill)
         backing_id = 0
         if self.passthrough:
@@ -728,6 +734,8 @@ class Session:
     async def _getxattr(self, req: Request) -> bytes:
         size, _ = abi.GETXATTR_IN.unpack_from(req.body)
         name = os.fsdecode(abi.split_name(req.body[abi.GETXATTR_IN.size :]))
+        if name.startswith("security."):  # the kernel's capability probe, if it probes
+            self.stats["GETXATTR_security"] += 1
         value = await self.fs.getxattr(req.nodeid, name, req.ctx)
         return self._sized(value, size)
 

@@ -203,6 +203,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name.startswith(b"security."):  # the kernel's capability probe before writes
+            STATS["GETXATTR_security"] += 1
         return await self.fs.getxattr(inode, _name(name), _ctx(ctx))
 
     @_errors

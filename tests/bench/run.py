@@ -1,12 +1,14 @@
 """The benchmark harness: ``python -m tests.bench.run`` (what ``make bench`` runs).
 
 This module owns the order of a benchmark run and its report. For each backing (ext4 on a
-loop device, tmpfs) it starts A native, B fusemux, C mergerfs and D the bare pyfuse3
-passthrough over one backing file, then runs every fio workload in alternation (A B C D per
-workload, all workloads per repetition, repeated ``--reps`` times), recording each daemon's
-CPU time per run. Then the lifecycle benchmarks. It prints a markdown table, writes it and
-the raw JSON, and with ``--chart`` draws a PNG bar chart of the ratios (matplotlib, the
-``bench`` extra).
+loop device, tmpfs) it starts A native, B fusemux (pyfuse3 engine), C mergerfs, D the bare
+pyfuse3 passthrough and E fusemux-pt (fusemux on its passthrough engine) over one backing
+file, then runs every fio workload in alternation (A B C D E per workload, all workloads per
+repetition, repeated ``--reps`` times), recording each daemon's CPU time per run and, for B
+and E, the GETXATTR, READ and WRITE requests the daemon saw. Then the lifecycle benchmarks
+(for B and E where fusemux is measured). It prints a markdown table, writes it and the raw
+JSON, and with ``--chart`` draws a PNG bar chart of the ratios (matplotlib, the ``bench``
+extra).
 
 Everything lives under one temporary directory; every mount, loop device and process is
 undone in ``finally`` (see :mod:`tests.bench.systems`), and the directory is removed only
@@ -35,6 +37,24 @@ from tests.bench import systems as sysmod
 from tests.bench import workloads as wl
 
 FILE = "bench.dat"
+# Paired ratios (median of the per-repetition ratios) kept in every fio cell as "a/b".
+PAIRS = (
+    ("fusemux", "passthrough"),
+    ("fusemux", "mergerfs"),
+    ("fusemux-pt", "native"),
+    ("fusemux-pt", "mergerfs"),
+    ("fusemux-pt", "fusemux"),
+)
+# Where each fusemux system's storm/RSS/ls -l figures go in the results ("storm": B, as
+# before E was added).
+STORM_KEYS = {"fusemux": "storm", "fusemux-pt": "storm_pt"}
+# The ones the table shows, with their headings.
+SHOWN_PAIRS = {
+    "fusemux/passthrough": "B/D",
+    "fusemux/mergerfs": "B/C",
+    "fusemux-pt/native": "E/A",
+    "fusemux-pt/mergerfs": "E/C",
+}
 
 
 def _median(values: list[float]) -> float | None:
@@ -71,6 +91,11 @@ def run_fio(args: argparse.Namespace, base: Path, kind: str, res: dict[str, Any]
     with sysmod.backing(base, kind, args.size_mib + 64) as src:
         wl.fill(src / FILE, size)
         with sysmod.systems(base / kind, src, tuple(args.systems)) as running:
+            for name, system in running.items():
+                if system.stats_root is not None:
+                    info = sysmod.engine_info(system.stats_root)
+                    info["stats_read_cost"] = system.stats_cost
+                    res["meta"]["engines"].setdefault(name, info)
             out: dict[str, Any] = {}
             for rep in range(args.reps):
                 for w in chosen:
@@ -79,6 +104,8 @@ def run_fio(args: argparse.Namespace, base: Path, kind: str, res: dict[str, Any]
                         r = wl.fio_run(system, FILE, w, size, args.runtime)
                         cell.setdefault(name, {"runs": []})["runs"].append(r)
                         shown = r["error"] or f"{r['value']:.0f} {w.unit}"
+                        if "requests" in r:
+                            shown += " " + _requests(r["requests"])
                         print(f"  [{kind} rep {rep + 1}] {w.name:28s} {name:12s} {shown}")
             if args.offload_calls and kind == args.backings[0]:
                 print(f"  [{kind}] offload cost x{args.offload_calls}")
@@ -110,7 +137,12 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
                 ]
                 cell[name]["ratios_to_native"] = ratios
                 cell[name]["median_ratio"] = _median(ratios)
-        for a, b in (("fusemux", "passthrough"), ("fusemux", "mergerfs")):
+            counted = [r["requests"] for r in runs if "requests" in r]
+            if counted:
+                cell[name]["requests_median"] = {
+                    op: _median([c[op] for c in counted]) for op in wl.COUNTED
+                }
+        for a, b in PAIRS:
             if a in cell and b in cell:
                 pairs = [
                     x["value"] / y["value"]
@@ -123,6 +155,53 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
 
 def _fmt(v: float | None, digits: int = 0) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def _requests(counts: dict[str, int]) -> str:
+    return " ".join(f"{op} {counts[op]}" for op in wl.COUNTED)
+
+
+def _heading(name: str) -> str:
+    return f"{sysmod.LETTERS[name]} {name}"
+
+
+def requests_table(res: dict[str, Any]) -> list[str]:
+    """The requests B and E saw per fio run: GETXATTR, READ, WRITE, one figure per repetition."""
+    fused = [
+        n for n in sysmod.ENGINES if any(n in c for cs in res["fio"].values() for c in cs.values())
+    ]
+    if not fused:
+        return []
+    lines = [
+        "",
+        "### requests the daemon saw per run (from user.fusemux.engine_stats; per repetition)",
+        "",
+        "| backing | workload | "
+        + " | ".join(f"{sysmod.LETTERS[n]} {op}" for n in fused for op in wl.COUNTED)
+        + " |",
+        "|---|---|" + "---:|" * (len(fused) * len(wl.COUNTED)),
+    ]
+    other: dict[str, dict[str, int]] = {n: {} for n in fused}
+    for kind, cells in res["fio"].items():
+        for wname, cell in cells.items():
+            cols = []
+            for n in fused:
+                runs = [r for r in cell.get(n, {}).get("runs", []) if "requests" in r]
+                for op in wl.COUNTED:
+                    cols.append("/".join(f"{r['requests'][op]:,}" for r in runs) or "—")
+                for r in runs:
+                    for k, v in r["requests_other"].items():
+                        other[n][k] = other[n].get(k, 0) + v
+            lines.append(f"| {kind} | {wname} | " + " | ".join(cols) + " |")
+    lines.append("")
+    for n in fused:
+        eng = res["meta"].get("engines", {}).get(n, {})
+        moved = ", ".join(f"{k} {v:,}" for k, v in sorted(other[n].items())) or "none"
+        lines.append(
+            f"- {_heading(n)}: engine {eng.get('engine', '?')}, kernel passthrough "
+            f"{'on' if eng.get('passthrough') else 'off'}; other counters over all runs: {moved}"
+        )
+    return lines
 
 
 def table(res: dict[str, Any]) -> str:
@@ -139,12 +218,13 @@ def table(res: dict[str, Any]) -> str:
         f"file {m['size_mib']} MiB; mergerfs -o {m['mergerfs_options']}"
     )
     for kind, cells in res["fio"].items():
+        heads = [_heading(n) for n in sysmod.SYSTEMS] + list(SHOWN_PAIRS.values())
         lines += [
             "",
             f"### fio, backing {kind} (median; ratio to native per repetition; daemon CPU %)",
             "",
-            "| workload | A native | B fusemux | C mergerfs | D passthrough | B/D | B/C |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| workload | " + " | ".join(heads) + " |",
+            "|---|" + "---:|" * len(heads),
         ]
         for wname, cell in cells.items():
             cols = []
@@ -161,13 +241,24 @@ def table(res: dict[str, Any]) -> str:
                 if c.get("cpu_pct") is not None:
                     text += f" {c['cpu_pct']:.0f}%"
                 cols.append(text)
-            ratios = [_fmt(cell.get(k), 2) for k in ("fusemux/passthrough", "fusemux/mergerfs")]
+            ratios = [_fmt(cell.get(k), 2) for k in SHOWN_PAIRS]
             lines.append(f"| {wname} | " + " | ".join(cols + ratios) + " |")
+    lines += requests_table(res)
     if "open_close" in res:
+        oc = res["open_close"]
         lines += ["", "### warm open+close (µs)", "", "| system | n | median | p99 |"]
         lines.append("|---|---:|---:|---:|")
-        for name, v in res["open_close"].items():
-            lines.append(f"| {name} | {v['n']} | {v['median_us']:.0f} | {v['p99_us']:.0f} |")
+        for name, v in oc.items():
+            lines.append(
+                f"| {_heading(name)} | {v['n']} | {v['median_us']:.0f} | {v['p99_us']:.0f} |"
+            )
+        if "fusemux" in oc and "fusemux-pt" in oc:
+            b, e = oc["fusemux"], oc["fusemux-pt"]
+            lines += [
+                "",
+                f"E/B: median {e['median_us'] / b['median_us']:.2f}×, "
+                f"p99 {e['p99_us'] / b['p99_us']:.2f}× (target: within 1.5×)",
+            ]
     if "offload_us" in res:
         lines += ["", "### cost of one 4 KiB pread from a trio task, one at a time (µs)", ""]
         lines.append(" | ".join(f"{k} {v:.1f}" for k, v in res["offload_us"].items()))
@@ -178,24 +269,29 @@ def table(res: dict[str, Any]) -> str:
             "### first open of an unmounted ext4 (-o loop) export (ms, median of "
             f"{f['repetitions']})",
             "",
-            f"fusemux LOOKUP+mount+open {f['fusemux_median_ms']:.1f} ms; plain mount(8)+open "
-            f"{f['plain_median_ms']:.1f} ms; difference "
-            f"{f['fusemux_median_ms'] - f['plain_median_ms']:+.1f} ms "
-            f"(mounts made: {f['fusemux_mounts']} for {f['repetitions']} first opens)",
+            f"plain mount(8)+open {f['plain_median_ms']:.1f} ms",
         ]
-    if "storm" in res:
-        s = res["storm"]
+        for name in sysmod.ENGINES:
+            if f"{name}_median_ms" in f:
+                ms = f[f"{name}_median_ms"]
+                lines[-1] += (
+                    f"; {_heading(name)} LOOKUP+mount+open {ms:.1f} ms "
+                    f"({ms - f['plain_median_ms']:+.1f} ms, mounts made: "
+                    f"{f[f'{name}_mounts']} for {f['repetitions']} first opens)"
+                )
+    storms = {n: res[STORM_KEYS[n]] for n in sysmod.ENGINES if STORM_KEYS[n] in res}
+    if storms:
+        lines += ["", "### mount storm, RSS, ls -l", ""]
+    for name, s in storms.items():
         lines += [
-            "",
-            "### mount storm, RSS, ls -l",
-            "",
-            f"- storm: {s['opens']} concurrent first opens over {s['exports']} exports in "
-            f"{s['storm_s']:.2f} s, {s['open_ok']} succeeded, {s['mounts']} mounts made "
-            f"(one per export: {'yes' if s['mounts'] == s['exports'] else 'NO'})",
-            f"- daemon RSS: {s['rss_idle_mib']:.1f} MiB idle, {s['rss_open_mib']:.1f} MiB "
-            f"with {s['open_during_rss']} volumes open",
-            f"- ls -l of {s['listing']} volumes: {s['ls_cold_s']:.2f} s cold (export "
-            f"unmounted), {s['ls_warm_s']:.2f} s warm, native {s['ls_native_s']:.2f} s",
+            f"- {_heading(name)} storm: {s['opens']} concurrent first opens over "
+            f"{s['exports']} exports in {s['storm_s']:.2f} s, {s['open_ok']} succeeded, "
+            f"{s['mounts']} mounts made (one per export: "
+            f"{'yes' if s['mounts'] == s['exports'] else 'NO'})",
+            f"- {_heading(name)} daemon RSS: {s['rss_idle_mib']:.1f} MiB idle, "
+            f"{s['rss_open_mib']:.1f} MiB with {s['open_during_rss']} volumes open",
+            f"- {_heading(name)} ls -l of {s['listing']} volumes: {s['ls_cold_s']:.2f} s cold "
+            f"(export unmounted), {s['ls_warm_s']:.2f} s warm, native {s['ls_native_s']:.2f} s",
         ]
     return "\n".join(lines) + "\n"
 
@@ -214,18 +310,20 @@ def chart(res: dict[str, Any], path: Path) -> None:
         cells = res["fio"][kind]
         names = list(cells)
         width = 0.8 / len(shown)
+        every: list[float] = []
         for i, sysname in enumerate(shown):
             vals = [(cells[n].get(sysname) or {}).get("median_ratio") or 0 for n in names]
+            every += [v for v in vals if v > 0]
             xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(names))]
             ax.bar(xs, vals, width, label=f"{sysmod.LETTERS[sysname]} {sysname}")
         ax.set_yscale("log")
-        ax.set_ylim(0.005, 2)
+        ax.set_ylim(min([0.005, *every]) * 0.8, max([2.0, *every]) * 1.2)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("ratio to native (log)")
         ax.set_title(f"backing {kind}: median ratio to native, {res['meta']['reps']} reps")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -276,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runtime_s": args.runtime,
             "size_mib": args.size_mib,
             "mergerfs_options": sysmod.MERGERFS_OPTIONS,
+            "engines": {},
             "fio": subprocess.run(
                 ["fio", "--version"], capture_output=True, text=True
             ).stdout.strip(),
@@ -300,13 +399,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "max": max(loads),
             }
         res["meta"]["loadavg_after_fio"] = _loadavg()
-        if not args.no_lifecycle:
-            print("first open")
-            res["first_open"] = wl.first_open(base / "first", args.first_open_reps)
-            print("mount storm, RSS, ls -l")
-            res["storm"] = wl.storm_ls_rss(
-                base / "storm", args.storm_exports, args.storm_per_export, args.listing
-            )
+        fused = [n for n in sysmod.ENGINES if n in args.systems]
+        if not args.no_lifecycle and fused:
+            print("first open: " + ", ".join(fused))
+            res["first_open"] = wl.first_open(base / "first", args.first_open_reps, fused)
+            for name in fused:
+                print(f"mount storm, RSS, ls -l: {name}")
+                res[STORM_KEYS[name]] = wl.storm_ls_rss(
+                    base / "storm" / name,
+                    args.storm_exports,
+                    args.storm_per_export,
+                    args.listing,
+                    name,
+                )
     finally:
         left = [m.mountpoint for m in read_mountinfo() if m.mountpoint.startswith(f"{base}/")]
         if left:

@@ -4,28 +4,42 @@ This module owns the workload definitions and the measuring itself; it starts no
 outlives a call except through :mod:`tests.bench.systems`, whose context managers undo it.
 
 * :data:`FIO_WORKLOADS` and :func:`fio_run`: one fio job on one file, with the daemon's CPU
-  time (utime + stime from ``/proc/PID/stat``) read around it.
+  time (utime + stime from ``/proc/PID/stat``) read around it and, for a fusemux daemon, the
+  requests it saw (its ``user.fusemux.engine_stats`` read before and after).
 * :func:`open_close_latency`: warm ``open``+``close`` latency per system, interleaved.
-* :func:`first_open`: first open of an unmounted ext4 export through fusemux against a plain
-  ``mount -o loop`` + open of the same image.
+* :func:`first_open`: first open of an unmounted ext4 export through fusemux (one daemon per
+  engine) against a plain ``mount -o loop`` + open of the same image.
 * :func:`storm_ls_rss`: the mount storm (many concurrent first opens over many exports), the
-  daemon's RSS while they are all open, and ``ls -l`` of an export with many volumes.
+  daemon's RSS while they are all open, and ``ls -l`` of an export with many volumes, on one
+  engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.bench.systems import System, cpu_seconds, detach, rss_bytes
+from tests.bench.systems import (
+    ENGINES,
+    System,
+    check_engine,
+    cpu_seconds,
+    detach,
+    engine_requests,
+    requests_delta,
+    rss_bytes,
+    stop_daemon,
+)
 from tests.mount.harness import Daemon, run
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -64,8 +78,14 @@ def fill(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+# The requests of a fusemux daemon every fio run records; the others go to requests_other.
+COUNTED = ("GETXATTR", "READ", "WRITE")
+
+
 def fio_run(system: System, file: str, w: Workload, size: int, runtime: float) -> dict[str, Any]:
-    """One fio job; returns the figure (MB/s or IOPS), the daemon's CPU seconds and wall."""
+    """One fio job; returns the figure (MB/s or IOPS), the daemon's CPU seconds and wall,
+    and for a fusemux daemon the requests it saw during the job (:data:`COUNTED`, and any
+    other counter that moved)."""
     argv = [
         "fio", "--output-format=json", f"--name={w.rw}", f"--filename={system.path(file)}",
         f"--rw={w.rw}", f"--bs={w.bs}", f"--size={size}", f"--direct={int(w.direct)}",
@@ -74,6 +94,8 @@ def fio_run(system: System, file: str, w: Workload, size: int, runtime: float) -
         "--end_fsync=0", "--numjobs=1",
     ]  # fmt: skip
     load1 = float(Path("/proc/loadavg").read_text().split()[0])
+    stats = system.stats_root
+    before = engine_requests(stats) if stats else {}
     cpu0 = cpu_seconds(system.pid) if system.pid else 0.0
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120)
@@ -82,6 +104,10 @@ def fio_run(system: System, file: str, w: Workload, size: int, runtime: float) -
     out: dict[str, Any] = {
         "value": None, "cpu_s": cpu, "wall_s": wall, "error": None, "load1": load1,
     }  # fmt: skip
+    if stats:
+        delta = requests_delta(system, before, engine_requests(stats))
+        out["requests"] = {k: delta.pop(k, 0) for k in COUNTED}
+        out["requests_other"] = delta
     if proc.returncode != 0:
         out["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
         out["error"] = out["error"][0][:200]
@@ -128,11 +154,15 @@ def open_close_latency(
     }
 
 
-def first_open(base: Path, repetitions: int) -> dict[str, Any]:
+def first_open(base: Path, repetitions: int, names: Sequence[str] = ("fusemux",)) -> dict[str, Any]:
     """First open of an unmounted ext4 (-o loop) export vs plain mount + open, in ms.
 
-    Each fusemux sample waits until the export is unmounted and the kernel's entry cache for
-    the volume has expired (1 s), so it pays LOOKUP + mount + OPEN like a real first open.
+    One daemon per fusemux system in *names* (B ``fusemux``, E ``fusemux-pt``: the engine from
+    :data:`tests.bench.systems.ENGINES`), each with its own copy of the image; per repetition
+    each daemon in turn, then the plain mount. Each fusemux sample waits until the export is
+    unmounted and the kernel's entry cache for the volume has expired (1 s), so it pays
+    LOOKUP + mount + OPEN like a real first open. Keys per system: ``<name>_ms``,
+    ``<name>_median_ms``, ``<name>_mounts``.
     """
     content = base / "content"
     content.mkdir(parents=True)
@@ -141,22 +171,31 @@ def first_open(base: Path, repetitions: int) -> dict[str, Any]:
     run("mkfs.ext4", "-q", "-F", "-d", content, image, "32M")
     plain_dir = base / "plain"
     plain_dir.mkdir()
-    daemon = Daemon(base / "daemon")
-    daemon.exports["first"] = {"source": str(image), "fstype": "ext4", "options": "loop"}
-    daemon.write_config(linger=0.0)
-    fusemux_ms: list[float] = []
+    samples: dict[str, list[float]] = {name: [] for name in names}
     plain_ms: list[float] = []
-    try:
-        daemon.start(verbose=False)
-        volume = daemon.volume("first", "vol")
+    result: dict[str, Any] = {"repetitions": repetitions}
+    with contextlib.ExitStack() as undo:
+        undo.callback(detach, plain_dir)
+        daemons: dict[str, Daemon] = {}
+        for name in names:
+            copy = base / f"first-{name}.img"
+            shutil.copyfile(image, copy)
+            daemon = daemons[name] = Daemon(base / name)
+            undo.callback(stop_daemon, daemon)
+            daemon.exports["first"] = {"source": str(copy), "fstype": "ext4", "options": "loop"}
+            daemon.write_config(linger=0.0, engine=ENGINES[name])
+            daemon.start(verbose=False)
+            check_engine(daemon, name)
         for _ in range(repetitions):
-            daemon.wait_unmounted("first")
-            time.sleep(1.1)
-            t0 = time.perf_counter()
-            fd = os.open(volume, os.O_RDONLY)
-            fusemux_ms.append((time.perf_counter() - t0) * 1000)
-            os.close(fd)
-            daemon.wait_unmounted("first")
+            for name, daemon in daemons.items():
+                volume = daemon.volume("first", "vol")
+                daemon.wait_unmounted("first")
+                time.sleep(1.1)
+                t0 = time.perf_counter()
+                fd = os.open(volume, os.O_RDONLY)
+                samples[name].append((time.perf_counter() - t0) * 1000)
+                os.close(fd)
+                daemon.wait_unmounted("first")
             t0 = time.perf_counter()
             subprocess.run(
                 ["mount", "-t", "ext4", "-o", "loop", str(image), str(plain_dir)], check=True
@@ -165,22 +204,13 @@ def first_open(base: Path, repetitions: int) -> dict[str, Any]:
             plain_ms.append((time.perf_counter() - t0) * 1000)
             os.close(fd)
             detach(plain_dir)
-        mounts = int(daemon.xattr(daemon.volumes("first"), "mount_count"))
-    finally:
-        detach(plain_dir)
-        try:
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.stop()
-        finally:
-            daemon.cleanup()
-    return {
-        "repetitions": repetitions,
-        "fusemux_ms": fusemux_ms,
-        "plain_ms": plain_ms,
-        "fusemux_median_ms": statistics.median(fusemux_ms),
-        "plain_median_ms": statistics.median(plain_ms),
-        "fusemux_mounts": mounts,
-    }
+        for name, daemon in daemons.items():
+            result[f"{name}_ms"] = samples[name]
+            result[f"{name}_median_ms"] = statistics.median(samples[name])
+            result[f"{name}_mounts"] = int(daemon.xattr(daemon.volumes("first"), "mount_count"))
+    result["plain_ms"] = plain_ms
+    result["plain_median_ms"] = statistics.median(plain_ms)
+    return result
 
 
 def offload_cost(path: Path, calls: int, rounds: int = 3) -> dict[str, float]:
@@ -227,8 +257,11 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def storm_ls_rss(base: Path, exports: int, per_export: int, listing: int) -> dict[str, Any]:
-    """Mount storm, RSS with every storm volume open, and ``ls -l`` of *listing* volumes.
+def storm_ls_rss(
+    base: Path, exports: int, per_export: int, listing: int, name: str = "fusemux"
+) -> dict[str, Any]:
+    """Mount storm, RSS with every storm volume open, and ``ls -l`` of *listing* volumes,
+    on the engine of fusemux system *name* (:data:`tests.bench.systems.ENGINES`).
 
     *exports* bind exports with *per_export* volumes each are opened all at once, one thread
     per volume released together by a barrier; every volume stays open until all are, so
@@ -241,11 +274,12 @@ def storm_ls_rss(base: Path, exports: int, per_export: int, listing: int) -> dic
     many = daemon.add_bind_export("many")
     for j in range(listing):
         (many / f"vol{j:05d}").write_bytes(b"")
-    daemon.write_config(linger=10.0, mount_timeout=60.0)
+    daemon.write_config(linger=10.0, mount_timeout=60.0, engine=ENGINES[name])
     names = [f"e{i:03d}" for i in range(exports)]
     result: dict[str, Any] = {"exports": exports, "opens": exports * per_export}
     try:
         daemon.start(verbose=False)
+        check_engine(daemon, name)
         assert daemon.proc is not None
         pid = daemon.proc.pid
         result["rss_idle_mib"] = rss_bytes(pid) / MiB

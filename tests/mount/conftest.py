@@ -23,10 +23,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.mount)
 
 
+# Every tier-(c) test runs once per FUSE engine.
+ENGINES = ("pyfuse3", "passthrough")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, engine: str) -> Iterator[Daemon]:
     """A daemon to configure and start; stopped, checked and cleaned up afterwards."""
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, engine=engine)
     try:
         yield d
         if d.proc is not None and d.proc.poll() is None:

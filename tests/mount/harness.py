@@ -62,8 +62,9 @@ def toml_value(v: Any) -> str:
 class Daemon:
     """One fusemux daemon under test."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, engine: str = "pyfuse3") -> None:
         self.base = base
+        self.engine = engine
         self.mnt = base / "mnt"
         self.state = base / "state"
         self.log_path = base / "daemon.log"
@@ -74,6 +75,12 @@ class Daemon:
         self.allowed_errors: list[str] = []  # ERROR lines a test provokes on purpose
         self.mnt.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def passthrough(self) -> bool:
+        """Kernel passthrough engine: open files keep reading and writing the backing file
+        even after the daemon is gone (the kernel holds the backing file, not fusemux)."""
+        return self.engine == "passthrough"
+
     # -- configuration -------------------------------------------------------------
 
     def write_config(self, linger: float = 0.0, mount_timeout: float = 10.0, **top: Any) -> None:
@@ -82,6 +89,7 @@ class Daemon:
             f"linger = {linger!r}",
             f"mount_timeout = {mount_timeout!r}",
         ]
+        top.setdefault("engine", self.engine)
         lines += [f"{k} = {toml_value(v)}" for k, v in top.items()]
         for name, spec in self.exports.items():
             lines.append(f"\n[exports.{name}]")

@@ -44,7 +44,8 @@ def test_xattrs_on_root_export_and_volume(daemon: Daemon) -> None:
     root = daemon.mnt
     assert xattr.getxattr(str(root), "user.fusemux.version").decode() == __version__
     assert int(xattr.getxattr(str(root), "user.fusemux.pid")) == daemon.proc.pid  # type: ignore[union-attr]
-    assert keys(root) == {"version", "pid"}
+    assert keys(root) == {"version", "pid", "engine", "engine_stats"}
+    assert xattr.getxattr(str(root), "user.fusemux.engine").decode() == daemon.engine
 
     exp = daemon.volumes("gold")
     assert keys(exp) >= EXPORT_KEYS

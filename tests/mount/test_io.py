@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import mmap
 import os
 import subprocess
@@ -122,6 +123,22 @@ def test_o_direct_bypasses_page_cache_end_to_end(daemon: Daemon) -> None:
 def test_o_direct_unaligned_requests(daemon: Daemon) -> None:
     src = daemon.add_bind_export("gold", {"disk": b"\x11" * MiB})
     daemon.start()
+    if daemon.passthrough:
+        # The kernel hands O_DIRECT straight to the backing file: its own alignment rules
+        # apply, exactly as without fusemux (checked on the backing file in the same run).
+        for path in (daemon.volume("gold", "disk"), src / "disk"):
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            try:
+                with pytest.raises(OSError) as e:
+                    os.pwrite(fd, b"unaligned!" * 7, 4093)
+                assert e.value.errno == errno.EINVAL
+                aligned = mmap.mmap(-1, 8192)
+                aligned.write(b"\x22" * 8192)
+                assert os.pwritev(fd, [aligned], 8192) == 8192
+            finally:
+                os.close(fd)
+        assert (src / "disk").read_bytes()[8192:16384] == b"\x22" * 8192
+        return
     fd = os.open(daemon.volume("gold", "disk"), os.O_RDWR | os.O_DIRECT)
     try:
         # Offsets and lengths no block device would accept; fusemux must still serve them.
@@ -152,6 +169,8 @@ def fallocate(fd: int, mode: int, off: int, length: int) -> int:
 
 
 def test_fallocate_is_eopnotsupp_and_qemu_falls_back(daemon: Daemon) -> None:
+    if daemon.passthrough:
+        pytest.skip("pyfuse3 engine only: the passthrough engine implements FALLOCATE")
     src = daemon.add_bind_export("gold", {"disk": b"\x33" * (2 * MiB)})
     daemon.start()
     vol = daemon.volume("gold", "disk")
@@ -175,6 +194,55 @@ def test_fallocate_is_eopnotsupp_and_qemu_falls_back(daemon: Daemon) -> None:
     ).stdout  # fmt: skip
     assert "Pattern verification failed" not in out
     assert (src / "disk").read_bytes()[MiB : MiB + 262144] == b"\0" * 262144
+
+
+def test_fallocate_lseek_and_statfs_per_export(daemon: Daemon) -> None:
+    """What pyfuse3 cannot do: FALLOCATE (punch-hole for qemu discard, preallocation), LSEEK
+    (SEEK_DATA/SEEK_HOLE) and STATFS answered by the export the path is in."""
+    if not daemon.passthrough:
+        pytest.skip("passthrough engine only: pyfuse3 has no fallocate/lseek, statfs has no inode")
+    src = daemon.add_ext4_export("img", {"disk": b"\x33" * (4 * MiB)})
+    daemon.add_bind_export("gold", {"other": b"x"})
+    daemon.start()
+    vol = daemon.volume("img", "disk")
+    fd = os.open(vol, os.O_RDWR)
+    try:
+        # Preallocation past the end grows the file (mode 0).
+        assert fallocate(fd, 0, 0, 6 * MiB) == 0
+        assert os.fstat(fd).st_size == 6 * MiB
+        # Punch a hole: reads give zeros, SEEK_HOLE/SEEK_DATA find it.
+        punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        assert fallocate(fd, punch, MiB, MiB) == 0
+        assert os.pread(fd, MiB, MiB) == b"\0" * MiB
+        assert os.pread(fd, 16, 2 * MiB) == b"\x33" * 16
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_DATA) == 2 * MiB
+        # statfs of a path inside an export answers for that export's backing filesystem
+        # (the 4 MiB-image ext4), not the sum over exports.
+        st_vol = os.fstatvfs(fd)
+        st_backing = os.statvfs(daemon.target("img"))
+        assert st_vol.f_blocks * st_vol.f_frsize == st_backing.f_blocks * st_backing.f_frsize
+        assert st_vol.f_bfree * st_vol.f_frsize == st_backing.f_bfree * st_backing.f_frsize
+        st_other = os.statvfs(daemon.mnt / "volumes" / "gold")
+        assert st_other.f_blocks * st_other.f_frsize != st_vol.f_blocks * st_vol.f_frsize
+    finally:
+        os.close(fd)
+    # qemu's discard punches a hole in the backing image now (no longer a no-op hint).
+    out = run("qemu-io", "-f", "raw", "-t", "none", "-c", "discard 3M 1M", vol).stdout
+    assert "discard 1048576/1048576 bytes" in out
+    map_out = run("qemu-img", "map", "--output=json", "-f", "raw", vol).stdout
+    holes = [e for e in json.loads(map_out) if not e["data"]]
+    assert any(e["start"] <= 3 * MiB and e["start"] + e["length"] >= 4 * MiB for e in holes), (
+        map_out
+    )
+    assert daemon.stop() == 0
+    # Straight from the image (debugfs, no mount): the punched ranges are zeros, the rest kept.
+    data = subprocess.run(
+        ["debugfs", "-R", "cat /disk", str(src)], check=True, capture_output=True
+    ).stdout
+    assert len(data) == 6 * MiB
+    assert data[MiB : 2 * MiB] == b"\0" * MiB and data[3 * MiB : 4 * MiB] == b"\0" * MiB
+    assert data[2 * MiB : 3 * MiB] == b"\x33" * MiB
 
 
 def test_setattr_size_and_times(daemon: Daemon) -> None:

@@ -31,7 +31,8 @@ test-unit: setup ## run tiers (a) and (b) only
 test-nfs: setup ## the NFS tier: fusemux in a qemu guest with kernel NFS, vs nfs-ganesha
 	bash scripts/setup-nfs.sh
 	unshare --mount --propagation private $(PY) -m tests.nfs.image
-	bash scripts/nfs-sandbox.sh $(VENV)/bin/pytest -p no:cacheprovider tests/nfs
+	FUSEMUX_NFS_ENGINE=pyfuse3 bash scripts/nfs-sandbox.sh $(VENV)/bin/pytest -p no:cacheprovider tests/nfs
+	FUSEMUX_NFS_ENGINE=passthrough bash scripts/nfs-sandbox.sh $(VENV)/bin/pytest -p no:cacheprovider tests/nfs
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check fusemux tests

@@ -219,9 +219,15 @@ async def _reload(fs: FileSystem, path: str) -> None:
     )
 
 
-async def _watch_signals(fs: FileSystem, options: Options, terminate: Callable[[], None]) -> None:
+async def _watch_signals(
+    fs: FileSystem,
+    options: Options,
+    terminate: Callable[[], None],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     refused = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()  # handlers installed: "serving" may be announced now
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
@@ -267,6 +273,7 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
         raise StartupError(f"cannot mount {mountpoint} ({name} engine): {e}") from None
     async with trio.open_nursery() as nursery:
         fs.bind(nursery)
+        await nursery.start(_watch_signals, fs, options, engine.terminate)
         log.info(
             "serving %d export(s) at %s (state_dir %s, linger %gs)",
             len(config.exports),
@@ -274,7 +281,6 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
             config.state_dir,
             config.linger,
         )
-        nursery.start_soon(_watch_signals, fs, options, engine.terminate)
         try:
             await engine.serve()
             log.info("FUSE session ended")

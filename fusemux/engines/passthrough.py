@@ -63,6 +63,7 @@ MAX_PAGES = 256  # FUSE_MAX_MAX_PAGES: 1 MiB requests
 MAX_WRITE = MAX_PAGES * 4096
 MAX_READAHEAD = 1 << 20
 MAX_BACKGROUND = 64
+DRAIN_TIMEOUT = 5.0  # at stop: how long requests in flight may take to finish
 BUFFER_SIZE = MAX_WRITE + abi.MIN_READ_BUFFER
 MOUNT_OPTIONS = "rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
 FSTYPE = "fuse.fusemux"
@@ -423,13 +424,21 @@ class Session:
     # -- the request loop -----------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Serve requests until terminate(), DESTROY or the unmount of the mountpoint."""
-        with self._cancel:
-            async with trio.open_nursery() as nursery:
-                try:
+        """Serve requests until terminate(), DESTROY or the unmount of the mountpoint.
+
+        Then no new request is read; those in flight get up to DRAIN_TIMEOUT to finish (a
+        RELEASE on its way, say), and the rest is cancelled (the close that follows ends the
+        connection, so their callers get ENOTCONN rather than waiting).
+        """
+        async with trio.open_nursery() as nursery:
+            try:
+                with self._cancel:
                     await self._loop(nursery)
-                finally:
-                    nursery.cancel_scope.cancel()
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    while self.inflight:  # noqa: ASYNC110 - a short poll at shutdown only
+                        await trio.sleep(0.01)
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def _loop(self, nursery: trio.Nursery) -> None:
         fd = self.fd

@@ -564,8 +564,23 @@ async def xattrs_of(env: Env, ino: int) -> dict[str, str]:
 
 
 async def test_root_xattrs(env: Env) -> None:
-    assert await env.fs.listxattr(ROOT_INO, ME) == [P + "version", P + "pid"]
-    assert await xattrs_of(env, ROOT_INO) == {"version": __version__, "pid": str(os.getpid())}
+    assert await env.fs.listxattr(ROOT_INO, ME) == [
+        P + "version",
+        P + "pid",
+        P + "engine",
+        P + "engine_stats",
+    ]
+    # No engine serves this core: the engine keys are empty.
+    assert await xattrs_of(env, ROOT_INO) == {
+        "version": __version__,
+        "pid": str(os.getpid()),
+        "engine": "",
+        "engine_stats": "{}",
+    }
+    env.fs.engine_name = "test"
+    env.fs.engine_stats = lambda: '{"requests": {}}'
+    assert (await env.fs.getxattr(ROOT_INO, P + "engine", ME)) == b"test"
+    assert (await env.fs.getxattr(ROOT_INO, P + "engine_stats", ME)) == b'{"requests": {}}'
     assert await env.fs.listxattr(VOLUMES_INO, ME) == []
     assert await errno_raised(env.fs.getxattr(VOLUMES_INO, P + "state", ME)) == errno.ENODATA
 
@@ -796,7 +811,12 @@ async def test_adapter_xattrs_statfs_and_readdir_handles(env: Env) -> None:
     ops = Operations(env.fs)
     ctx = rctx()
     root = pyfuse3.InodeT(ROOT_INO)
-    assert await ops.listxattr(root, ctx) == [b"user.fusemux.version", b"user.fusemux.pid"]
+    assert await ops.listxattr(root, ctx) == [
+        b"user.fusemux.version",
+        b"user.fusemux.pid",
+        b"user.fusemux.engine",
+        b"user.fusemux.engine_stats",
+    ]
     assert await ops.getxattr(root, b"user.fusemux.version", ctx) == __version__.encode()
     st = await ops.statfs(ctx)
     assert st.f_bsize == st.f_frsize == BLOCK and st.f_blocks == 0 and st.f_namemax == 255

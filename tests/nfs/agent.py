@@ -193,6 +193,8 @@ def sc_boot(args: dict[str, Any]) -> dict[str, Any]:
         "states": {e: xattr(e, "state") for e in exports},
         "uptime": float(open("/proc/uptime").read().split()[0]),
         "kernel": os.uname().release,
+        "engine": os.getxattr(MNT, "user.fusemux.engine").decode(),
+        "engine_stats": json.loads(os.getxattr(MNT, "user.fusemux.engine_stats")),
     }
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from tests.nfs.harness import (
     CINDER_EXPORT,
+    ENGINE,
     EXPORTS,
     IO_TIMEOUTS,
     MOUNT_TIMEOUT,
@@ -29,6 +30,11 @@ def test_boot(nfs: NfsTier, record: dict[str, Any]) -> None:
     record.update(data)
     assert set(EXPORTS) | {CINDER_EXPORT} == set(data["exports"])
     assert set(data["states"].values()) == {"unmounted"}
+    assert data["engine"] == ENGINE
+    if ENGINE == "passthrough":
+        # The guest's 6.1 kernel (FUSE 7.38) offers no passthrough: the engine serves all
+        # reads and writes itself, and says so.
+        assert data["engine_stats"]["passthrough"] is False, data["engine_stats"]
 
 
 @pytest.mark.parametrize("export", ["v4hard", "v3hard", CINDER_EXPORT])

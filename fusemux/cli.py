@@ -132,6 +132,7 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
         "mountpoint": root,
         "version": version,
         "pid": int(_getx(root, "pid") or 0),
+        "engine": _getx(root, "engine") or "",
         "exports": [],
     }
     volumes_dir = os.path.join(root, "volumes")
@@ -166,7 +167,8 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
 
 
 def _print_status(status: dict[str, Any]) -> None:
-    print(f"fusemux {status['version']} (pid {status['pid']}) at {status['mountpoint']}")
+    engine = f", {status['engine']} engine" if status.get("engine") else ""
+    print(f"fusemux {status['version']} (pid {status['pid']}{engine}) at {status['mountpoint']}")
     rows = [("EXPORT", "STATE", "HOLDERS", "MOUNTS", "SOURCE", "LAST ERROR")]
     for e in status["exports"]:
         rows.append(

@@ -217,6 +217,8 @@ def table(res: dict[str, Any]) -> str:
         f"{m['reps']} repetitions x {m['runtime_s']} s, "
         f"file {m['size_mib']} MiB; mergerfs -o {m['mergerfs_options']}"
     )
+    for note in m.get("notes", []):  # added by hand to a run's JSON, e.g. a correction
+        lines += ["", f"Note: {note}"]
     for kind, cells in res["fio"].items():
         heads = [_heading(n) for n in sysmod.SYSTEMS] + list(SHOWN_PAIRS.values())
         lines += [

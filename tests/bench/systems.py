@@ -23,6 +23,7 @@ autoclear.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -59,9 +60,25 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+XATTR_SIZE_MAX = 1 << 16
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def getxattr_once(path: Path, name: str) -> bytes:
+    """getxattr(2) with a buffer of the largest size an xattr can have: exactly one GETXATTR
+    request per call. ``os.getxattr`` tries 128 bytes first and asks again on ERANGE, so the
+    requests a reading of engine_stats costs would depend on how long the JSON has grown."""
+    buf = ctypes.create_string_buffer(XATTR_SIZE_MAX)
+    n = _libc.getxattr(os.fsencode(path), name.encode(), buf, XATTR_SIZE_MAX)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return buf.raw[:n]
+
+
 def engine_requests(root: Path) -> dict[str, int]:
     """The request counters of the fusemux daemon mounted at *root* (its engine_stats)."""
-    stats = json.loads(os.getxattr(root, "user.fusemux.engine_stats"))
+    stats = json.loads(getxattr_once(root, "user.fusemux.engine_stats"))
     return {str(k): int(v) for k, v in stats.get("requests", {}).items()}
 
 
@@ -80,8 +97,8 @@ def requests_delta(system: System, before: dict[str, int], after: dict[str, int]
 
 
 def _stats_cost(root: Path) -> dict[str, int]:
-    """What one reading of engine_stats adds to the counters (a GETXATTR per buffer size
-    ``os.getxattr`` tries): the delta between two readings in a row, on an idle mount."""
+    """What one reading of engine_stats adds to the counters (one GETXATTR): the delta
+    between two readings in a row, on an idle mount."""
     engine_requests(root)
     first = engine_requests(root)
     second = engine_requests(root)

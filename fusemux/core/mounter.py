@@ -29,6 +29,8 @@ from fusemux.errors import MountError, MountTimeout, UnmountError
 
 MNT_DETACH = 2
 UMOUNT_TIMEOUT = 30.0
+# Pauses between quick retries of a busy umount (see SystemMounter.umount).
+UMOUNT_SETTLE = (0.02, 0.1)
 # umount(8) exits 32 on failure; its message tells why.
 _BUSY_MARKERS = ("target is busy", "device is busy", "Device or resource busy")
 
@@ -225,6 +227,24 @@ class SystemMounter:
                     await trio.to_thread.run_sync(umount2, target, MNT_DETACH)
 
     async def umount(self, target: Path, timeout: float = UMOUNT_TIMEOUT) -> None:
+        """umount(8) *target*, with quick retries while it is busy only for a moment.
+
+        The kernel drops some references to files on a backing mount after the RELEASE that
+        announced their close (deferred fput of a FUSE passthrough backing file, of an aio or
+        loop user), so an unmount right after the last release can meet EBUSY for a few
+        milliseconds. Only a mount still busy after UMOUNT_SETTLE counts as busy.
+        """
+        for delay in UMOUNT_SETTLE:
+            try:
+                await self._umount_once(target, timeout)
+                return
+            except UnmountError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+            await trio.sleep(delay)
+        await self._umount_once(target, timeout)
+
+    async def _umount_once(self, target: Path, timeout: float) -> None:
         try:
             result = await run_helper([self.umount_cmd, str(target)], timeout)
         except trio.TooSlowError:

@@ -122,6 +122,7 @@ class Backing:
 
     backing_id: int
     refs: int
+    fh: int  # the handle whose backing fd was registered (the core keeps it open until release)
 
 
 def _libc() -> ctypes.CDLL:
@@ -653,7 +654,7 @@ class Session:
             return 0
         if backing_id <= 0:
             return 0
-        self.backing[ino] = Backing(backing_id=backing_id, refs=1)
+        self.backing[ino] = Backing(backing_id=backing_id, refs=1, fh=fh)
         self.fh_backing[fh] = ino
         return backing_id
 
@@ -672,7 +673,14 @@ class Session:
         b.refs -= 1
         if b.refs == 0:
             del self.backing[ino]
-            await self.fs.handle_call(fh, self._backing_close, b.backing_id)
+            if b.fh == fh:
+                # The registered fd is this handle's, still open in the core: dropping the
+                # registration cannot drop the file's last reference, so it does no I/O.
+                self._backing_close(b.backing_id)
+            else:
+                # The registration may hold the last reference (its handle is gone): the
+                # final fput can mean a round trip to the backing filesystem.
+                await self.fs.handle_call(fh, self._backing_close, b.backing_id)
 
     async def _drop_open(self, fh: int) -> None:
         with trio.CancelScope(shield=True):

@@ -113,7 +113,12 @@ def test_interrupt_cancels_only_side_effect_free_requests() -> None:
 def test_init_reply_declares_only_what_the_kernel_offers(monkeypatch: pytest.MonkeyPatch) -> None:
     s = session()
     sent: list[bytes] = []
-    monkeypatch.setattr(s, "_write_reply", lambda u, e, parts: sent.extend(parts) or True)
+
+    def capture(unique: int, error: int, parts: list[bytes]) -> bool:
+        sent.extend(parts)
+        return True
+
+    monkeypatch.setattr(s, "_write_reply", capture)
     offered = abi.ASYNC_READ | abi.INIT_EXT | abi.HANDLE_KILLPRIV_V2 | abi.PASSTHROUGH
     offered |= 1 << 20  # POSIX_ACL: offered, not implemented, so not declared
     s._init_reply(1, 7, 45, offered)
@@ -125,7 +130,7 @@ def test_init_reply_declares_only_what_the_kernel_offers(monkeypatch: pytest.Mon
     # An older kernel (no passthrough offered): no passthrough, no stack depth.
     s2 = session()
     sent.clear()
-    monkeypatch.setattr(s2, "_write_reply", lambda u, e, parts: sent.extend(parts) or True)
+    monkeypatch.setattr(s2, "_write_reply", capture)
     s2._init_reply(1, 7, 38, abi.ASYNC_READ | abi.INIT_EXT)
     out = abi.INIT_OUT.unpack(sent[0])
     assert not s2.passthrough and out[11] == 0

@@ -251,3 +251,32 @@ def test_unprivileged_write_clears_setuid(daemon: Daemon) -> None:
     assert not mode & stat.S_ISUID, oct(mode)
     assert not mode & stat.S_ISGID, oct(mode)
     assert stat.S_IMODE(mode) == 0o777
+
+
+def test_restart_clears_a_probe_mount_left_by_a_killed_daemon(daemon: Daemon) -> None:
+    """auto's probe mount lives for milliseconds, but a daemon killed in them leaves a dead
+    FUSE mount under state_dir: the next start detaches it (never stat()ing it)."""
+    only(daemon, "passthrough")
+    from fusemux.core.mounter import MNT_DETACH, umount2
+    from fusemux.engines.passthrough import kernel_mount
+
+    daemon.add_bind_export("gold", {"a": b"x"})
+    daemon.write_config(engine="auto")
+    daemon.state.mkdir(parents=True, exist_ok=True)
+    stale = daemon.state / "engine-probe.999999"
+    stale.mkdir()
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        kernel_mount(fd, str(stale), fsname="fusemux-probe")
+    finally:
+        os.close(fd)  # the "daemon" is gone: the mount is dead (ENOTCONN)
+    daemon.allowed_warnings = []
+    try:
+        daemon.start()
+        assert "detaching a stale engine probe mount" in daemon.log()
+        mounts = Path("/proc/self/mountinfo").read_text()
+        assert str(stale) not in mounts
+        assert daemon.xattr(daemon.mnt, "engine") == "passthrough"
+    finally:
+        if str(stale) in Path("/proc/self/mountinfo").read_text():
+            umount2(str(stale), MNT_DETACH)  # never umount(8) a dead FUSE mount

@@ -74,6 +74,7 @@ BLOCK = 4096
 READDIR_BATCH = 256
 # Errnos of a path lookup on a backing mount that may have been unmounted under us.
 _VANISHED = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTCONN})
+_XATTR_PREFIX = xattrs.PREFIX.encode()
 
 
 @dataclass(frozen=True)
@@ -612,6 +613,13 @@ class FileSystem:
         if node.kind is Kind.VOLUME:
             return xattrs.full(xattrs.VOLUME_KEYS)
         return []
+
+    @staticmethod
+    def has_xattr_name(name: bytes) -> bool:
+        """Whether any node could have xattr *name*. Engines may answer ENODATA for other
+        names without a call (``ls -l`` asks every file for security.selinux and
+        system.posix_acl_access; the kernel probes security.capability before writes)."""
+        return name.startswith(_XATTR_PREFIX)
 
     async def getxattr(self, ino: int, name: str, ctx: Ctx) -> bytes:
         # The kernel probes security.capability before writes: answer it without work.

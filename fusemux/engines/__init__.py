@@ -58,7 +58,7 @@ def create(name: str, fs: FileSystem, mountpoint: str, debug: bool = False) -> E
     if name == "passthrough":
         from fusemux.engines import passthrough
 
-        return passthrough.Session(fs, mountpoint)
+        return passthrough.Session(fs, mountpoint, debug=debug)
     from fusemux.engines import pyfuse3
 
     return pyfuse3.Pyfuse3Engine(fs, mountpoint, debug)

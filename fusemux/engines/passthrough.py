@@ -287,8 +287,11 @@ class Session:
 
     name = NAME
 
-    def __init__(self, fs: FileSystem, mountpoint: str, passthrough: bool = True) -> None:
+    def __init__(
+        self, fs: FileSystem, mountpoint: str, passthrough: bool = True, debug: bool = False
+    ) -> None:
         self.fs = fs
+        self.debug = debug  # serve -d: one DEBUG line per request
         self.mountpoint = mountpoint
         self.want_passthrough = passthrough
         self.fd = -1
@@ -464,6 +467,8 @@ class Session:
             )
             name = abi.OPCODE_NAMES.get(opcode, str(opcode))
             self.stats[name] += 1
+            if self.debug:
+                log.debug("request %d: %s node %d from pid %d", unique, name, nodeid, pid)
             body = bytes(view[abi.IN_HEADER.size : min(n, length)])
             req = Request(opcode, unique, nodeid, Ctx(pid=pid, uid=uid, gid=gid), body)
             if opcode == abi.FORGET:

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--volumes-per-export", type=int, default=4)
     p.add_argument("--blocks", type=int, default=64, help="4 KiB blocks per volume")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine", choices=("pyfuse3", "passthrough"), default="pyfuse3", help="FUSE engine"
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     base = Path(tempfile.mkdtemp(prefix="fusemux-storm-", dir="/tmp"))
-    daemon = Daemon(base)
+    daemon = Daemon(base, engine=args.engine)
     leftovers: list[str] = []
     try:
         result = run_storm(daemon, cfg, say=lambda s: print(s, flush=True))

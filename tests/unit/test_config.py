@@ -59,6 +59,12 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert dict(cfg.exports) == {}
     assert cfg.source_file == str(cfg_path)
     assert cfg.mnt_dir == Path("/run/fusemux/mnt")
+    assert cfg.engine == "auto"
+
+
+@pytest.mark.parametrize("engine", ["auto", "pyfuse3", "passthrough"])
+def test_engine_values(tmp_path: Path, engine: str) -> None:
+    assert load_config(write(tmp_path / "f.toml", f'engine = "{engine}"\n')).engine == engine
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -161,6 +167,8 @@ def test_unknown_export_key(tmp_path: Path) -> None:
         ('shares_fstype = "NFS"\n', 1, "shares_fstype must be a filesystem type name"),
         ('shares_file = ""\n', 1, "shares_file must be a path string"),
         ("exports = 3\n", 1, "exports must be a table of [exports.NAME] tables"),
+        ('\nengine = "fuse"\n', 2, "engine must be one of 'auto', 'pyfuse3', 'passthrough'"),
+        ("engine = 1\n", 1, "engine must be one of"),
     ],
 )
 def test_bad_top_level_values(tmp_path: Path, text: str, line: int, reason: str) -> None:

@@ -135,3 +135,22 @@ def test_init_reply_declares_only_what_the_kernel_offers(monkeypatch: pytest.Mon
     out = abi.INIT_OUT.unpack(sent[0])
     assert not s2.passthrough and out[11] == 0
     assert struct.unpack_from("<I", sent[0], 4)[0] == abi.KERNEL_MINOR_VERSION
+
+
+def test_engine_selection(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from fusemux import engines
+
+    calls: list[Any] = []
+
+    def probe(workdir: Any, ok: bool = True) -> tuple[bool, str]:
+        calls.append(workdir)
+        return ok, "probe says so"
+
+    monkeypatch.setattr(pt, "probe", probe)
+    assert engines.select("pyfuse3", tmp_path) == ("pyfuse3", "configured")
+    assert calls == []  # no probe mount when pyfuse3 is configured
+    assert engines.select("auto", tmp_path) == ("passthrough", "auto: probe says so")
+    monkeypatch.setattr(pt, "probe", lambda w: (False, "no passthrough here"))
+    assert engines.select("auto", tmp_path) == ("pyfuse3", "auto: no passthrough here")
+    name, why = engines.select("passthrough", tmp_path)
+    assert name == "passthrough" and "without passthrough: no passthrough here" in why

@@ -78,11 +78,17 @@ def test_init_negotiation_as_the_kernel_took_it(daemon: Daemon) -> None:
         assert flag in st["flags"], st
     assert st["passthrough"] is True
     assert st["max_write"] == MiB and st["max_stack_depth"] == 2
-    # The kernel's own view of the connection: our max_background and congestion threshold.
-    conn = Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(daemon.mnt).st_dev))
-    if conn.is_dir():
+    # The kernel's own view of the connection (fusectl, mounted privately for this test):
+    # the max_background and congestion threshold our INIT reply set.
+    ctl = daemon.base / "fusectl"
+    ctl.mkdir()
+    run("mount", "-t", "fusectl", "fusectl", str(ctl))
+    try:
+        conn = ctl / str(os.minor(os.stat(daemon.mnt).st_dev))
         assert (conn / "max_background").read_text().strip() == "64"
         assert (conn / "congestion_threshold").read_text().strip() == "48"
+    finally:
+        run("umount", str(ctl))
     # 1 MiB requests: one O_DIRECT read of 1 MiB through the fallback path is one READ.
     assert "max_write 1048576" in daemon.log()
 

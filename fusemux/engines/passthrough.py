@@ -53,6 +53,7 @@ from pathlib import Path
 import trio
 
 from fusemux.core.fs import Attr, Ctx, DirEntry, FileSystem, SetAttr
+from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 from fusemux.engines import fuse_abi as abi
 from fusemux.errors import FusemuxError, errno_of
 
@@ -71,7 +72,6 @@ FSNAME = "fusemux"
 
 _MS_NOSUID = 2
 _MS_NODEV = 4
-_MNT_DETACH = 2
 
 # Requests an INTERRUPT may cancel: none of them changes anything.
 _INTERRUPTIBLE = frozenset(
@@ -125,32 +125,31 @@ class Backing:
     fh: int  # the handle whose backing fd was registered (the core keeps it open until release)
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-    libc.mount.restype = ctypes.c_int
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    libc.umount2.restype = ctypes.c_int
-    return libc
+_LIBC: ctypes.CDLL | None = None
 
 
 def kernel_mount(fd: int, mountpoint: str, fsname: str = FSNAME, fstype: str = FSTYPE) -> None:
     """mount(2) a FUSE filesystem served on *fd* at *mountpoint*."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+        _LIBC.mount.restype = ctypes.c_int
     opts = f"fd={fd},{MOUNT_OPTIONS}".encode()
-    libc = _libc()
     target = os.fsencode(mountpoint)
     flags = _MS_NOSUID | _MS_NODEV
-    if libc.mount(fsname.encode(), target, fstype.encode(), flags, opts) != 0:
+    if _LIBC.mount(fsname.encode(), target, fstype.encode(), flags, opts) != 0:
         err = ctypes.get_errno()
         raise EngineError(f"mount of {mountpoint} refused: {os.strerror(err)}")
 
 
 def kernel_umount(mountpoint: str) -> None:
     """Lazily detach *mountpoint* (the fd close then ends the connection)."""
-    if _libc().umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-            log.warning("umount of %s failed: %s", mountpoint, os.strerror(err))
+    try:
+        umount2(mountpoint, MNT_DETACH)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            log.warning("umount of %s failed: %s", mountpoint, e.strerror)
 
 
 def _open_dev() -> int:
@@ -225,8 +224,6 @@ def probe(workdir: Path) -> tuple[bool, str]:
 
 def _clear_stale_probes(workdir: Path) -> None:
     """Detach probe mounts a killed daemon left behind (never stat()ed: they are dead)."""
-    from fusemux.core.mounter import read_mountinfo
-
     prefix = f"{workdir}/engine-probe."
     for m in read_mountinfo():
         if m.mountpoint.startswith(prefix):
@@ -398,7 +395,12 @@ class Session:
         self._cancel.cancel()
 
     def close(self, unmount: bool = True) -> None:
-        """Drop every passthrough registration, unmount, close the session fd."""
+        """Drop every passthrough registration, unmount, close the session fd.
+
+        Registrations left here belong to files still open at a forced stop. The core still
+        holds their backing fds (it closes them later, in FileSystem.shutdown), so dropping a
+        registration is never the file's last reference and does no I/O on the event loop.
+        """
         if self.fd >= 0:
             for ino, b in list(self.backing.items()):
                 self._backing_close(b.backing_id)

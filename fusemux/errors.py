@@ -58,7 +58,10 @@ class XattrReadOnly(FusemuxError):
 
 
 class XattrNotSupported(FusemuxError):
-    """setxattr of a key outside ``user.fusemux.*``: fusemux stores no xattrs of its own."""
+    """Any xattr name outside ``user.fusemux.*``, for get, set and remove alike: fusemux
+    stores no xattrs of its own, so it answers as a filesystem without xattr support does
+    (``ENOTSUP``, which is ``EOPNOTSUPP`` on Linux). libvirt learns "not supported" from its
+    probing get; ENODATA would make it go on and fail at the set."""
 
     errno = errno.ENOTSUP
 

@@ -615,16 +615,25 @@ class FileSystem:
         return []
 
     @staticmethod
-    def has_xattr_name(name: bytes) -> bool:
-        """Whether any node could have xattr *name*. Engines may answer ENODATA for other
-        names without a call (``ls -l`` asks every file for security.selinux and
-        system.posix_acl_access; the kernel probes security.capability before writes)."""
-        return name.startswith(_XATTR_PREFIX)
+    def xattr_refusal(name: bytes) -> int:
+        """0 if fusemux answers xattr *name* (``user.fusemux.*``); otherwise the errno for a
+        get, set or remove of it on any node, so an engine may answer without a call.
+
+        fusemux can never store or show any other name, so it answers as a filesystem
+        without xattr support does: EOPNOTSUPP for get, set and remove alike. libvirt's DAC
+        driver probes ``trusted.libvirt.security.ref_dac`` with a get and skips owner
+        remembering only on EOPNOTSUPP/ENOSYS; ``ls -l`` asks every file for
+        security.selinux and system.posix_acl_access; the kernel probes security.capability
+        before writes and takes any error as "no capability". Never ENOSYS: the kernel would
+        then stop asking for every name, ``user.fusemux.*`` included.
+        """
+        return 0 if name.startswith(_XATTR_PREFIX) else XattrNotSupported.errno
 
     async def getxattr(self, ino: int, name: str, ctx: Ctx) -> bytes:
-        # The kernel probes security.capability before writes: answer it without work.
+        # Foreign names first, without work: the kernel probes security.capability before
+        # writes (once per inode with KILLPRIV_V2, before every write without it).
         if not name.startswith(xattrs.PREFIX):
-            raise NoSuchAttribute(name)
+            raise XattrNotSupported(f"{name}: fusemux stores no extended attributes")
         key = name[len(xattrs.PREFIX) :]
         node = self.namespace.node(ino)
         values: dict[str, str] = {}

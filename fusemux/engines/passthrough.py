@@ -485,13 +485,13 @@ class Session:
                 return
             elif opcode == abi.INIT:
                 self._reply_error(unique, errno.EPROTO)
-            elif opcode == abi.GETXATTR and not self.fs.has_xattr_name(
-                abi.split_name(body[abi.GETXATTR_IN.size :])
+            elif opcode == abi.GETXATTR and (
+                refusal := self.fs.xattr_refusal(abi.split_name(body[abi.GETXATTR_IN.size :]))
             ):
                 # Answered in the loop, no task: ls -l asks every file for two such names.
                 if body.startswith(b"security.", abi.GETXATTR_IN.size):
                     self.stats["GETXATTR_security"] += 1
-                self._reply_error(unique, errno.ENODATA)
+                self._reply_error(unique, refusal)
             else:
                 scope = trio.CancelScope()
                 self.inflight[unique] = (opcode, scope)

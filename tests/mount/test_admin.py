@@ -9,8 +9,10 @@ import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,55 @@ def test_xattrs_on_root_export_and_volume(daemon: Daemon) -> None:
     with pytest.raises(OSError) as exc:
         xattr.setxattr(str(exp), "user.fusemux.state", b"mounted")
     assert exc.value.errno == errno.EPERM
+
+
+FOREIGN_XATTRS = (
+    "trusted.libvirt.security.ref_dac",
+    "trusted.libvirt.security.dac",
+    "security.selinux",
+    "system.posix_acl_access",
+    "user.other",
+)
+# A valid ACL (u::rw-,g::r--,o::r--): the kernel parses system.posix_acl_* values itself and
+# answers EINVAL for anything else before a filesystem is asked.
+MINIMAL_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 6), (4, 4), (0x20, 4))
+)
+
+
+def test_foreign_xattrs_answer_eopnotsupp_like_nfs(daemon: Daemon) -> None:
+    """Names fusemux can never store get EOPNOTSUPP on get, set and remove, through the
+    kernel, on every kind of node, while the volume is open (libvirt's DAC probe) and
+    closed; user.fusemux.* keep ENODATA/EPERM; nothing reaches the backing file."""
+    src = daemon.add_bind_export("gold", {"disk": b"x" * 4096})
+    daemon.write_config(linger=0)
+    daemon.start()
+    vol = daemon.volume("gold", "disk")
+    nodes = (daemon.mnt, daemon.mnt / "volumes", daemon.volumes("gold"), vol)
+
+    def errno_of(call: Callable[..., object], *args: object) -> int:
+        try:
+            call(*args)
+        except OSError as e:
+            return e.errno or 0
+        return 0
+
+    with open(vol, "r+b") as f:  # libvirt probes while qemu may hold the disk
+        for path in nodes:
+            for name in FOREIGN_XATTRS:
+                p = str(path)
+                assert errno_of(os.getxattr, p, name) == errno.EOPNOTSUPP, (p, name)
+                value = MINIMAL_ACL if name.startswith("system.posix_acl") else b"1"
+                assert errno_of(os.setxattr, p, name, value) == errno.EOPNOTSUPP, (p, name)
+                assert errno_of(os.removexattr, p, name) == errno.EOPNOTSUPP, (p, name)
+        # The kernel's capability probe before a write must not fail the write.
+        f.write(b"y" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    p = str(vol)
+    assert errno_of(os.getxattr, p, "user.fusemux.nosuchkey") == errno.ENODATA
+    assert errno_of(os.setxattr, p, "user.fusemux.open_count", b"1") == errno.EPERM
+    assert os.listxattr(src / "disk") == []
 
 
 def test_getfattr_dump_shows_every_key(daemon: Daemon) -> None:

@@ -110,6 +110,7 @@ class FileSystem:
 
     @property
     def engine(self) -> Engine | None:
+        """The engine serving this core (None before one attaches)."""
         return self.admin.engine
 
     def bind(self, nursery: trio.Nursery) -> None:
@@ -202,6 +203,10 @@ class FileSystem:
     # -- lookup and attributes ---------------------------------------------------------
 
     async def lookup(self, parent: int, name: str, ctx: Ctx) -> Attr:
+        """A name in a directory. In an export: a transient hold (mounts the export if
+        needed; a cancelled caller stops waiting, the mount goes on) and an lstat in the
+        export's workers. ENOENT (unknown or hidden name, not a regular file),
+        ENAMETOOLONG, ENOTDIR, a mount failure's errno (ENXIO, ETIMEDOUT, ...)."""
         node = self.namespace.node(parent)
         if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise FusemuxError(f"name longer than {NAME_MAX} bytes", errno.ENAMETOOLONG)
@@ -220,6 +225,9 @@ class FileSystem:
         raise FusemuxError("not a directory", errno.ENOTDIR)
 
     async def getattr(self, ino: int, ctx: Ctx) -> Attr:
+        """Attributes of a node. Directories: no hold, never blocks. A volume: a transient
+        hold and an lstat; if the backing file was deleted while open, an fstat of an open
+        handle's fd. ENOENT, a mount failure's errno."""
         node = self.namespace.node(ino)
         if node.is_dir:
             return self._dir_attr(node)
@@ -239,6 +247,9 @@ class FileSystem:
         return self._volume_attr(node, st)
 
     async def setattr(self, ino: int, change: SetAttr, fh: int | None, ctx: Ctx) -> Attr:
+        """Size, times, mode and owner changes, on the backing file (through the open fd
+        when *fh* is a writable handle). A transient hold; blocks in the export's workers.
+        EPERM on directories, EROFS for a size change on a read-only export."""
         node = self.namespace.node(ino)
         if node.is_dir:
             raise NamespaceReadOnly("directories of the fusemux mount cannot be changed")
@@ -255,6 +266,10 @@ class FileSystem:
     # -- files -------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int, ctx: Ctx, kill_suidgid: bool = False) -> OpenReply:
+        """Open a volume: a holder for the handle's life (mounts the export if needed), the
+        backing file opened in the export's workers. EISDIR, EROFS (write or O_TRUNC on a
+        read-only export), ESHUTDOWN, a mount failure's errno, the backing open's errno.
+        *kill_suidgid*: clear set-ID bits (FUSE_OPEN_KILL_SUIDGID)."""
         node = self._volume(ino)
         export_cfg = self.exports.get(node.export).config
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
@@ -298,6 +313,8 @@ class FileSystem:
         )
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """pread on the handle's backing fd in the export's workers. EBADF, ETIMEDOUT
+        (io_timeout), EIO (the export's in-flight cap); a cancelled caller abandons it."""
         handle = self.handles.file(fh)
         # A read has no side effect: if its caller is cancelled (an interrupted request),
         # it is abandoned like one past io_timeout, so a killed reader is not held up.
@@ -356,10 +373,15 @@ class FileSystem:
         await self._io(handle.export, hio.flush, handle)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        """fsync/fdatasync of the backing fd in the export's workers; the backing errno
+        passes on (write-back errors on NFS). A cancelled caller abandons it."""
         handle = self.handles.file(fh)
         await self._io(handle.export, hio.fsync, handle, datasync, abandonable=True)
 
     async def release(self, fh: int) -> None:
+        """The last close of a handle: close its backing fd in the export's workers, then
+        drop its holder (the last one starts the linger). Never fails; an unknown fh is
+        ignored. Engines run it shielded: it always completes."""
         handle = self.handles.files.pop(fh, None)
         if handle is None:
             return
@@ -373,6 +395,8 @@ class FileSystem:
     # -- directories -------------------------------------------------------------------
 
     async def opendir(self, ino: int, ctx: Ctx) -> int:
+        """A directory handle; in an export directory it is a holder (mounts the export).
+        ENOTDIR, a mount failure's errno."""
         node = self.namespace.node(ino)
         if not node.is_dir:
             raise FusemuxError("not a directory", errno.ENOTDIR)
@@ -416,6 +440,7 @@ class FileSystem:
         ]
 
     async def releasedir(self, fh: int) -> None:
+        """Drop a directory handle and its holder (a transient one). Never blocks."""
         dh = self.handles.dirs.pop(fh, None)
         if dh is not None and dh.export is not None:
             self.exports.release(dh.export, transient=True)
@@ -465,6 +490,7 @@ class FileSystem:
     # -- shutdown ----------------------------------------------------------------------
 
     def open_volumes(self) -> list[str]:
+        """``export/volume`` of every open file handle (the stop policy counts them)."""
         return sorted({f"{h.export.name}/{h.name}" for h in self.handles.files.values()})
 
     def users(self) -> list[str]:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusemux.core import loopdev
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 
 
@@ -231,6 +232,16 @@ def run(*argv: str | Path, check: bool = True, **kw: Any) -> subprocess.Complete
             f"{argv} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
         )
     return result
+
+
+def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run a command as the unprivileged user nobody (uid/gid 65534, no groups)."""
+    return run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv, check=False)
+
+
+def loops_backed_by(match: Callable[[str], bool]) -> list[str]:
+    """Attached loop devices (``/dev/loopN``) whose backing file satisfies *match*."""
+    return sorted(dev for dev, backing in loopdev.attached_loops().items() if match(backing))
 
 
 # -- helpers for the fault tests (tests/mount/test_faults.py) ------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PUBLIC_DIR
-from tests.mount.harness import Daemon, run, wait_for
+from tests.mount.harness import Daemon, as_nobody, run, wait_for
 from tests.mount.test_faults import HangFs, hangfs  # noqa: F401  (fixture)
 
 MiB = 1 << 20
@@ -247,11 +247,7 @@ def test_unprivileged_write_clears_setuid(daemon: Daemon) -> None:
     daemon.mnt.chmod(0o755)
     daemon.start()
     vol = daemon.volume("gold", "disk")
-    out = run(
-        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-        "dd", "if=/dev/zero", f"of={vol}", "bs=4096", "count=1", "conv=notrunc",
-        check=False,
-    )  # fmt: skip
+    out = as_nobody("dd", "if=/dev/zero", f"of={vol}", "bs=4096", "count=1", "conv=notrunc")
     assert out.returncode == 0, out.stderr
     mode = (src / "disk").stat().st_mode
     assert not mode & stat.S_ISUID, oct(mode)

@@ -45,6 +45,7 @@ from fusemux.core.mounter import MNT_DETACH, umount2
 from tests.mount.hangfs import content
 from tests.mount.harness import (
     Daemon,
+    loops_backed_by,
     mount_helper,
     mount_ids_at,
     mounted_at,
@@ -781,11 +782,7 @@ def test_backing_file_deleted_under_open_volume(daemon: Daemon) -> None:
 
 def image_loops(image: Path) -> list[str]:
     """Loop devices whose backing file is *image*."""
-    return sorted(
-        p.parent.parent.name
-        for p in Path("/sys/block").glob("loop*/loop/backing_file")
-        if p.read_text().strip() == str(image)
-    )
+    return loops_backed_by(lambda backing: backing == str(image))
 
 
 @pytest.mark.parametrize("kind", ["bind", "ext4"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PUBLIC_DIR
-from tests.mount.harness import Daemon, run, wait_for
+from tests.mount.harness import Daemon, as_nobody, run, wait_for
 
 MiB = 1 << 20
 
@@ -273,10 +273,6 @@ def test_statfs_sums_mounted_exports(daemon: Daemon) -> None:
         backing = os.statvfs(daemon.target("img"))
         assert busy.f_blocks * busy.f_frsize == backing.f_blocks * backing.f_frsize
         assert busy.f_namemax == 255
-
-
-def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv, check=False)
 
 
 def test_other_users_get_access_by_file_mode(daemon: Daemon) -> None:

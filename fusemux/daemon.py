@@ -262,7 +262,10 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
     fs = FileSystem(config, mounter)
     # Both block for a moment (a probe mount, then the kernel's INIT): nothing else runs yet.
     name, why = engines.select(config.engine, config.state_dir)
-    engine = engines.create(name, fs, mountpoint, debug=options.debug_fuse)
+    kernel_passthrough = config.kernel_passthrough != "off"
+    engine = engines.create(name, fs, mountpoint, options.debug_fuse, kernel_passthrough)
+    if name == "passthrough" and not kernel_passthrough:
+        why += "; kernel_passthrough = off: every read and write is served by fusemux"
     log.info("engine: %s (%s)", name, why)
     try:
         engine.mount()

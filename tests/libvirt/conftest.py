@@ -1,0 +1,70 @@
+"""libvirt tier fixtures: tier (c)'s fusemux daemon plus private libvirt hosts.
+
+The ``daemon`` and ``engine`` fixtures are tier (c)'s own (``tests/mount/conftest.py``): the
+real daemon as a subprocess, stopped and checked (exit 0, no mounts left, no unexpected log
+lines) after each test. ``libvirt_host`` starts a private libvirt host (``harness.Libvirt``)
+after the test has started its fusemux mounts; each one is stopped and checked in teardown.
+
+Run by ``make test-libvirt`` (root, Debian's libvirt from ``scripts/setup-libvirt.sh``);
+skipped without root or without libvirtd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PUBLIC_DIR
+from tests.libvirt.harness import Libvirt
+from tests.mount.conftest import daemon, engine  # noqa: F401  (tier (c)'s fixtures)
+from tests.mount.harness import Daemon
+
+if os.geteuid() != 0:
+    pytest.skip("the libvirt tier needs root", allow_module_level=True)
+if shutil.which("libvirtd") is None and not Path("/usr/sbin/libvirtd").exists():
+    pytest.skip("libvirtd is not installed: run scripts/setup-libvirt.sh", allow_module_level=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/libvirt/" in str(item.fspath):
+            item.add_marker(pytest.mark.libvirt)
+
+
+def public_mountpoint(d: Daemon) -> None:
+    """Serve *d* where qemu (uid libvirt-qemu) can reach it: pytest's tmp dirs are 0700."""
+    PUBLIC_DIR.mkdir(mode=0o755, exist_ok=True)
+    PUBLIC_DIR.chmod(0o755)
+    d.mnt = Path(tempfile.mkdtemp(dir=PUBLIC_DIR))
+    d.mnt.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def libvirt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """/var/cache/libvirt for every host of the session (qemu's probed capabilities)."""
+    return tmp_path_factory.mktemp("libvirt-cache") / "cache"
+
+
+@pytest.fixture
+def libvirt_host(tmp_path: Path, libvirt_cache: Path) -> Iterator[Callable[..., Libvirt]]:
+    """Start a private libvirt host: ``libvirt_host(qemu_conf="")``. Start fusemux first."""
+    hosts: list[Libvirt] = []
+
+    def start(qemu_conf: str = "") -> Libvirt:
+        host = Libvirt(tmp_path / f"libvirt{len(hosts)}", libvirt_cache, qemu_conf)
+        hosts.append(host)
+        host.start()
+        return host
+
+    try:
+        yield start
+        for host in hosts:
+            host.stop()
+    finally:
+        for host in hosts:
+            host.cleanup()

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,19 +53,37 @@ def libvirt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def libvirt_host(tmp_path: Path, libvirt_cache: Path) -> Iterator[Callable[..., Libvirt]]:
-    """Start a private libvirt host: ``libvirt_host(qemu_conf="")``. Start fusemux first."""
+    """Start a private libvirt host: ``libvirt_host(qemu_conf="", **kw)`` (``Libvirt``'s
+    keywords). Start the fusemux mounts it uses first."""
     hosts: list[Libvirt] = []
 
-    def start(qemu_conf: str = "") -> Libvirt:
-        host = Libvirt(tmp_path / f"libvirt{len(hosts)}", libvirt_cache, qemu_conf)
+    def start(qemu_conf: str = "", **kw: Any) -> Libvirt:
+        host = Libvirt(tmp_path / f"libvirt{len(hosts)}", libvirt_cache, qemu_conf, **kw)
         hosts.append(host)
         host.start()
         return host
 
     try:
         yield start
-        for host in hosts:
+        for host in reversed(hosts):  # a host may share the network namespace of an earlier one
             host.stop()
     finally:
-        for host in hosts:
+        for host in reversed(hosts):
             host.cleanup()
+
+
+@pytest.fixture
+def daemon2(tmp_path: Path, engine: str) -> Iterator[Daemon]:  # noqa: F811
+    """A second fusemux daemon ("another host"), checked like tier (c)'s ``daemon``."""
+    d = Daemon(tmp_path / "host2", engine=engine)
+    try:
+        yield d
+        if d.proc is not None and d.proc.poll() is None:
+            rc = d.stop()
+            assert rc == 0, f"second daemon exited {rc}:\n{d.log()}"
+        left = d.leftover_mounts()
+        assert not left, f"second daemon left mounts behind: {left}"
+        bad = d.unexpected_log_lines()
+        assert not bad, "unexpected second daemon log lines:\n" + "\n".join(bad)
+    finally:
+        d.cleanup()

@@ -78,9 +78,29 @@ def domain_xml(name: str, disks: list[Disk], memory_mib: int = 64) -> str:
 
 
 class Libvirt:
-    """One private libvirt host. *qemu_conf* is appended to Debian's default qemu.conf."""
+    """One private libvirt host.
 
-    def __init__(self, base: Path, cache: Path, qemu_conf: str = "") -> None:
+    *qemu_conf* is appended to Debian's default qemu.conf, and each of *conf* (file name ->
+    text) to that file of ``/etc/libvirt`` (e.g. ``qemu-lockd.conf``); *binds* are
+    ``(host path, path in the namespace)`` pairs, targets under ``/run`` are created; with
+    *netns_of* the host joins that host's network namespace instead of getting its own.
+    """
+
+    def __init__(
+        self,
+        base: Path,
+        cache: Path,
+        qemu_conf: str = "",
+        *,
+        conf: dict[str, str] | None = None,
+        binds: list[tuple[Path, str]] | None = None,
+        netns_of: Libvirt | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.conf = {"qemu.conf": qemu_conf, **(conf or {})}
+        self.binds = binds or []
+        self.netns_of = netns_of
+        self.env = env or {}
         self.base = base
         self.cache = cache
         self.qemu_conf = qemu_conf
@@ -102,9 +122,10 @@ class Libvirt:
         # Debian enables the "default" NAT network: no dnsmasq or bridge for this tier.
         for link in (self.etc / "qemu/networks/autostart").glob("*"):
             link.unlink()
-        if self.qemu_conf:
-            with open(self.etc / "qemu.conf", "a") as f:
-                f.write("\n# tests/libvirt\n" + self.qemu_conf + "\n")
+        for name, extra in self.conf.items():
+            if extra:
+                with open(self.etc / name, "a") as f:
+                    f.write("\n# tests/libvirt\n" + extra + "\n")
         shutil.copytree("/var/lib/libvirt", self.lib, symlinks=True)
         shutil.copytree("/var/log/libvirt", self.logs, symlinks=True)
         if not self.cache.exists():
@@ -121,15 +142,24 @@ class Libvirt:
                 [str(self.lib), "/var/lib/libvirt"],
                 [str(self.logs), "/var/log/libvirt"],
                 [str(self.cache), "/var/cache/libvirt"],
-            ],
+            ]
+            + [[str(src), dst] for src, dst in self.binds],
             "logs": str(self.daemon_logs),
             "ready": str(self.ready),
+            "env": self.env,
         }
         spec_path = self.base / "nsinit.json"
         spec_path.write_text(json.dumps(spec))
         log = open(self.daemon_logs / "nsinit.log", "ab")
+        prefix: list[str] = []  # nsenter execs unshare: the PID stays unshare's
+        net = ["--net"]
+        if self.netns_of is not None:
+            assert self.netns_of.init_pid is not None
+            prefix = ["nsenter", f"--net=/proc/{self.netns_of.init_pid}/ns/net", "--"]
+            net = []
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--pid", "--net", "--fork", "--kill-child", "--mount-proc"]
+            prefix
+            + ["unshare", "--mount", "--pid", *net, "--fork", "--kill-child", "--mount-proc"]
             + [sys.executable, str(NSINIT), str(spec_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,

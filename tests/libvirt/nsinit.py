@@ -7,7 +7,8 @@ Inside those fresh namespaces it:
 1. mounts a tmpfs on ``/run`` and binds the test's private directories over ``/etc/libvirt``,
    ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/log/libvirt`` and ``/var/cache/libvirt``
    (so the daemons, which always use these system paths as root, touch nothing of the host's;
-   the mount namespace dies with this process, so nothing stays mounted);
+   the mount namespace dies with this process, so nothing stays mounted), plus the test's
+   own binds (a fusemux mount at a path common to several hosts, a shared lockspace);
 2. brings up ``lo`` (the only network of the namespace);
 3. starts the three daemons in the foreground (never ``-d``) with their pid files in the
    private run directory, and logs to files the harness reads;
@@ -77,6 +78,8 @@ def main() -> int:
     _mount("-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")
     os.mkdir("/run/libvirt")
     for src, dst in spec["binds"]:
+        if dst.startswith("/run/"):
+            os.makedirs(dst, exist_ok=True)  # on the private tmpfs
         _mount("--bind", src, dst)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     run = "/run/libvirt"

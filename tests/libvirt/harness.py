@@ -83,7 +83,8 @@ class Libvirt:
     *qemu_conf* is appended to Debian's default qemu.conf, and each of *conf* (file name ->
     text) to that file of ``/etc/libvirt`` (e.g. ``qemu-lockd.conf``); *binds* are
     ``(host path, path in the namespace)`` pairs, targets under ``/run`` are created; with
-    *netns_of* the host joins that host's network namespace instead of getting its own.
+    *netns_of* the host joins that host's network namespace instead of getting its own;
+    *hostname* names it in its own UTS namespace.
     """
 
     def __init__(
@@ -95,11 +96,13 @@ class Libvirt:
         conf: dict[str, str] | None = None,
         binds: list[tuple[Path, str]] | None = None,
         netns_of: Libvirt | None = None,
+        hostname: str = "",
         env: dict[str, str] | None = None,
     ) -> None:
         self.conf = {"qemu.conf": qemu_conf, **(conf or {})}
         self.binds = binds or []
         self.netns_of = netns_of
+        self.hostname = hostname
         self.env = env or {}
         self.base = base
         self.cache = cache
@@ -147,6 +150,7 @@ class Libvirt:
             "logs": str(self.daemon_logs),
             "ready": str(self.ready),
             "env": self.env,
+            "hostname": self.hostname,
         }
         spec_path = self.base / "nsinit.json"
         spec_path.write_text(json.dumps(spec))
@@ -159,7 +163,16 @@ class Libvirt:
             net = []
         self.proc = subprocess.Popen(
             prefix
-            + ["unshare", "--mount", "--pid", *net, "--fork", "--kill-child", "--mount-proc"]
+            + [
+                "unshare",
+                "--mount",
+                "--pid",
+                "--uts",
+                *net,
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+            ]
             + [sys.executable, str(NSINIT), str(spec_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,

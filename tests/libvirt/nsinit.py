@@ -1,7 +1,7 @@
 """PID 1 of a private libvirt "host": runs virtlogd, virtlockd and libvirtd, reaps, stops them.
 
 ``tests/libvirt/harness.py`` starts this script as
-``unshare --mount --pid --net --fork --kill-child --mount-proc python nsinit.py SPEC.json``.
+``unshare --mount --pid --uts --net --fork --kill-child --mount-proc python nsinit.py SPEC``.
 Inside those fresh namespaces it:
 
 1. mounts a tmpfs on ``/run`` and binds the test's private directories over ``/etc/libvirt``,
@@ -9,7 +9,8 @@ Inside those fresh namespaces it:
    (so the daemons, which always use these system paths as root, touch nothing of the host's;
    the mount namespace dies with this process, so nothing stays mounted), plus the test's
    own binds (a fusemux mount at a path common to several hosts, a shared lockspace);
-2. brings up ``lo`` (the only network of the namespace);
+2. sets the host name (libvirt refuses a migration to a host of its own name) and brings up
+   ``lo`` (the only network of the namespace, which a second host may join);
 3. starts the three daemons in the foreground (never ``-d``) with their pid files in the
    private run directory, and logs to files the harness reads;
 4. reaps every child, including the qemu processes libvirtd daemonizes (they are reparented
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +83,8 @@ def main() -> int:
         if dst.startswith("/run/"):
             os.makedirs(dst, exist_ok=True)  # on the private tmpfs
         _mount("--bind", src, dst)
+    if spec.get("hostname"):
+        socket.sethostname(spec["hostname"])  # the UTS namespace is private too
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     run = "/run/libvirt"
     logs = Path(spec["logs"])

@@ -11,7 +11,8 @@ magic and then knows only ``fuse.glusterfs`` and ``fuse.quobyte`` as shared, so
 it even looks at ``cache='none'``. ``--unsafe`` (``VIR_MIGRATE_UNSAFE``) skips that check;
 libvirt 9.0 has no qemu.conf setting to declare a filesystem shared. And since the
 filesystem is not "shared", the source restores the disk's owner (DAC) after the guest
-left, under the destination's running qemu.
+left, under the destination's running qemu; a snapshot and its commit on the destination
+still work, since libvirt labels an image again before it has qemu reopen it.
 
 Concurrency: one test at a time; virsh calls block.
 """
@@ -77,6 +78,16 @@ def test_live_migration_between_two_fusemux_hosts(
     # The source restored the owner it knows (root) under B's running qemu.
     owner = os.stat(src / "disk.raw").st_uid
     assert owner == 0, f"owner after migration: {owner} (libvirt-qemu is {QEMU_UID})"
+    assert b.domstate("mig1") == "running"
+    # On the destination, a snapshot and its commit still work: libvirt labels the images
+    # it makes qemu open again (the base, read-write, for the commit) before it does.
+    run("qemu-img", "create", "-f", "qcow2", "-b", "disk.raw", "-F", "raw", src / "disk.snap")
+    b.virsh(
+        "snapshot-create-as", "mig1", "--disk-only", "--reuse-external", "--no-metadata",
+        "--diskspec", f"vda,file={Path(COMMON) / 'volumes/e1/disk.snap'},driver=qcow2",
+    )  # fmt: skip
+    b.virsh("blockcommit", "mig1", "vda", "--active", "--pivot", "--wait", timeout=180)
+    assert "disk.snap" not in b.virsh("domblklist", "mig1").stdout
     assert b.domstate("mig1") == "running"
     log_b = b.domain_log("mig1")
     assert "error" not in log_b.lower(), log_b

@@ -84,7 +84,7 @@ def _getx(path: str, key: str) -> str:
         return ""
 
 
-# capacity/free need a statvfs of the backing filesystem, which fusemux gives up after 5 s on
+# capacity/free need a statvfs of the backing filesystem, which fusemux gives up after 1 s on
 # a sick export; status waits for them only briefly and reports the export as not answering.
 SLOW_KEYS = ("capacity", "free")
 SLOW_WAIT = 0.5

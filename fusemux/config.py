@@ -10,6 +10,7 @@ TOML keys (unknown keys are errors)::
     linger = 10.0
     mount_timeout = 60.0
     engine = "auto"                          # "auto" | "pyfuse3" | "passthrough"
+    kernel_passthrough = "auto"              # "auto" | "off" (own engine serves all I/O)
     shares_file = "/etc/cinder/nfs_shares"   # optional
     shares_fstype = "nfs"
 
@@ -42,6 +43,9 @@ DEFAULT_FSTYPE = "nfs"
 # The FUSE engine: "passthrough" is fusemux's own /dev/fuse engine with kernel passthrough,
 # "pyfuse3" the libfuse-based one; "auto" picks passthrough where the kernel offers it.
 ENGINES = ("auto", "pyfuse3", "passthrough")
+# Whether the own engine hands open files to the kernel (FUSE passthrough) where it can:
+# "off" makes it serve every read and write itself, as on a kernel without passthrough.
+KERNEL_PASSTHROUGH = ("auto", "off")
 
 TOP_KEYS = frozenset(
     {
@@ -50,6 +54,7 @@ TOP_KEYS = frozenset(
         "mount_timeout",
         "io_timeout",
         "engine",
+        "kernel_passthrough",
         "shares_file",
         "shares_fstype",
         "exports",
@@ -95,6 +100,7 @@ class Config:
     mount_timeout: float = DEFAULT_MOUNT_TIMEOUT
     exports: Mapping[str, ExportConfig] = field(default_factory=dict)
     engine: str = "auto"
+    kernel_passthrough: str = "auto"
     source_file: str = ""
 
     @property
@@ -302,6 +308,14 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         err(f"engine must be one of {', '.join(map(repr, ENGINES))}", "engine")
         engine = "auto"
 
+    kernel_passthrough = data.get("kernel_passthrough", "auto")
+    if kernel_passthrough not in KERNEL_PASSTHROUGH:
+        err(
+            f"kernel_passthrough must be one of {', '.join(map(repr, KERNEL_PASSTHROUGH))}",
+            "kernel_passthrough",
+        )
+        kernel_passthrough = "auto"
+
     shares_fstype = data.get("shares_fstype", DEFAULT_FSTYPE)
     if not isinstance(shares_fstype, str) or not _FSTYPE_RE.fullmatch(shares_fstype):
         err("shares_fstype must be a filesystem type name such as 'nfs'", "shares_fstype")
@@ -355,6 +369,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         exports=dict(sorted(exports.items())),
         source_file=str(path),
         engine=str(engine),
+        kernel_passthrough=str(kernel_passthrough),
     )
 
 

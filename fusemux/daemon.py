@@ -19,8 +19,6 @@ Concurrency: everything runs in the trio thread; the core offloads blocking call
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import resource
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import trio
 
+from fusemux import libc
 from fusemux.config import Config, ConfigError, load_config
 from fusemux.core.fs import FileSystem
 from fusemux.core.mappings import cleanup_leftover_mappings
@@ -53,12 +52,10 @@ class StartupError(Exception):
 
 def _set_io_flusher() -> None:
     # Memory reclaim must not wait on the daemon that serves the I/O it is trying to flush.
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.info(
-            "PR_SET_IO_FLUSHER not set (%s; it needs CAP_SYS_RESOURCE)",
-            os.strerror(ctypes.get_errno()),
-        )
+    try:
+        libc.prctl(PR_SET_IO_FLUSHER, 1)
+    except OSError as e:
+        log.info("PR_SET_IO_FLUSHER not set (%s; it needs CAP_SYS_RESOURCE)", e.strerror)
 
 
 def _raise_nofile() -> None:
@@ -265,7 +262,10 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
     fs = FileSystem(config, mounter)
     # Both block for a moment (a probe mount, then the kernel's INIT): nothing else runs yet.
     name, why = engines.select(config.engine, config.state_dir)
-    engine = engines.create(name, fs, mountpoint, debug=options.debug_fuse)
+    kernel_passthrough = config.kernel_passthrough != "off"
+    engine = engines.create(name, fs, mountpoint, options.debug_fuse, kernel_passthrough)
+    if name == "passthrough" and not kernel_passthrough:
+        why += "; kernel_passthrough = off: every read and write is served by fusemux"
     log.info("engine: %s (%s)", name, why)
     try:
         engine.mount()

@@ -8,6 +8,7 @@ class says why.
 from __future__ import annotations
 
 import errno
+import logging
 
 
 class FusemuxError(Exception):
@@ -163,4 +164,21 @@ def errno_of(exc: BaseException) -> int:
         return exc.errno
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
+    return errno.EIO
+
+
+def reply_errno(exc: BaseException, op: str, log: logging.Logger) -> int:
+    """The errno an engine replies with when *op* raised *exc*, logged once here.
+
+    Both engines call this at their edge, so the mapping and its logging are the same for
+    every request: an expected failure (a :class:`FusemuxError`, an ``OSError`` from a
+    backing syscall) at DEBUG, anything else with its traceback at ERROR and EIO.
+    """
+    if isinstance(exc, FusemuxError):
+        log.debug("%s: %s (errno %d)", op, exc.message, exc.errno)
+        return exc.errno
+    if isinstance(exc, OSError):
+        log.debug("%s: %s", op, exc)
+        return errno_of(exc)
+    log.error("unexpected error in %s", op, exc_info=exc)
     return errno.EIO

@@ -10,7 +10,6 @@ time are never touched.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import time
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from fusemux.core import loopdev
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 
-LOOP_CLR_FD = 0x4C01
 # A world-traversable directory of this session, for mountpoints other users must reach
 # (pytest's own temporary directories are 0700).
 PUBLIC_DIR = Path(f"/tmp/fusemux-test-{os.getpid()}")
@@ -36,14 +35,7 @@ def _mountpoints() -> set[str]:
 
 
 def _loop_devices() -> set[str]:
-    found = set()
-    for dev in Path("/sys/block").glob("loop*"):
-        backing = dev / "loop" / "backing_file"
-        with contextlib.suppress(OSError):
-            name = backing.read_text().strip()
-            if _ours(name):
-                found.add(f"/dev/{dev.name}={name}")
-    return found
+    return {f"{dev}={name}" for dev, name in loopdev.attached_loops().items() if _ours(name)}
 
 
 def _descendants(root: int) -> set[int]:
@@ -109,11 +101,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         leftovers.append(f"loop device {loop}")
         dev = loop.split("=", 1)[0]
         with contextlib.suppress(OSError):
-            fd = os.open(dev, os.O_RDONLY)
-            try:
-                fcntl.ioctl(fd, LOOP_CLR_FD)
-            finally:
-                os.close(fd)
+            loopdev.detach(dev)
     with contextlib.suppress(OSError):
         for sub in PUBLIC_DIR.iterdir() if PUBLIC_DIR.exists() else []:
             sub.rmdir()

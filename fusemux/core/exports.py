@@ -20,8 +20,11 @@ Concurrency rules (trio, single thread):
 * A release that drops ``holders`` to zero only schedules the linger task; the task does the
   unmount. A new holder during the linger cancels the task (it is shielded only once it holds
   the lock and has started the unmount).
-* Callers queued behind a mount attempt that failed get that attempt's error instead of
-  starting one mount each (a mount storm against a dead server). After a failure, new
+* A mount runs in a task of its own (:class:`MountAttempt`), which every acquirer of the
+  unmounted export waits for: a cancelled caller (an interrupted lookup) stops waiting but
+  never aborts the mount for the others; the attempt is cancelled only when its last waiter
+  has gone, or at shutdown. Every waiter gets the attempt's own error instead of starting
+  one mount each (a mount storm against a dead server). After a failure, new
   acquires within a backoff window (1 s, doubling per consecutive failure up to 10 s) get the
   same error at once; the first acquire after the window retries. An admin's ``pin`` (the
   ``ctl`` xattr) skips the window.
@@ -38,7 +41,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,17 @@ class ExportSnapshot:
     removed: bool = False  # dropped from the config; disappears once idle
 
 
+@dataclass
+class MountAttempt:
+    """One mount of an export under way, shared by every acquire that waits for it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    waiters: int = 0
+    mounted: bool = False
+    error: FusemuxError | None = None
+
+
 class Export:
     """Mutable state of one export. Mutated only by :class:`ExportManager`."""
 
@@ -117,6 +131,7 @@ class Export:
         # Set by ExportManager: take a holder now; returns the function that drops it.
         self.hold: Callable[[], Callable[[], None]] = lambda: lambda: None
         self.saturated = False  # inflight hit the cap; new requests fail with EIO
+        self.mount_attempt: MountAttempt | None = None  # a mount under way, if any
 
     @property
     def name(self) -> str:
@@ -207,18 +222,58 @@ class ExportManager:
         try:
             if export.state is State.MOUNTED:
                 return export  # fast path: no lock needed to join a mounted export
-            seen_attempts = export.attempts
-            async with export.lock:
-                if export.mounted:  # mounted by the holder we queued behind
-                    return export
-                if export.state is State.FAILED and export.attempts != seen_attempts:
-                    # A mount attempt failed while we queued for the lock: share its result.
-                    raise MountError(export.last_error, export.last_errno)
-                await self._mount(export)
-                return export
+            await self._wait_for_mount(export)
+            return export
         except BaseException:
             self._drop(export)
             raise
+
+    async def _wait_for_mount(self, export: Export) -> None:
+        """Wait for the export's mount attempt, starting one if none is under way.
+
+        The attempt runs as a task of its own in the manager's nursery, not in any caller's:
+        a caller that is cancelled (an interrupted LOOKUP, a killed opener) only stops
+        waiting, and the mount goes on for everyone else who waits for it. Only when the
+        last waiter has gone is the attempt itself cancelled (its helper's process group is
+        killed), since then nobody needs it. Every waiter gets the attempt's own result, so
+        a failure is shared instead of starting one mount per caller (a mount storm).
+        """
+        attempt = export.mount_attempt
+        if attempt is None:
+            attempt = export.mount_attempt = MountAttempt()
+            if self.nursery is None:  # used before bind(): unit tests only
+                await self._run_attempt(export, attempt)
+            else:
+                self.nursery.start_soon(self._run_attempt, export, attempt)
+        attempt.waiters += 1
+        try:
+            await attempt.done.wait()
+        finally:
+            attempt.waiters -= 1
+            if attempt.waiters == 0 and not attempt.done.is_set():
+                attempt.scope.cancel()
+        if attempt.error is not None:  # a fresh copy per waiter, of the same class
+            raise type(attempt.error)(attempt.error.message, attempt.error.errno)
+        if not attempt.mounted:
+            raise ShuttingDown(f"export {export.name}: the mount was cancelled")
+
+    async def _run_attempt(self, export: Export, attempt: MountAttempt) -> None:
+        try:
+            with attempt.scope:
+                async with export.lock:
+                    if not export.mounted:  # an adopted or recovered mount needs none
+                        await self._mount(export)
+                    attempt.mounted = True
+        except FusemuxError as e:
+            attempt.error = e
+        finally:
+            if export.mount_attempt is attempt:
+                export.mount_attempt = None
+            attempt.done.set()
+            # Every waiter gave up meanwhile, or the attempt was cancelled after the kernel
+            # had mounted: nobody holds it, so it lingers and goes like any idle export.
+            if export.holders == 0 and export.mounted:
+                self._drop_to_idle(export, transient=True)
 
     def release(self, export: Export, transient: bool = False) -> None:
         """Drop a holder; the last one schedules the unmount after the linger time.
@@ -301,8 +356,9 @@ class ExportManager:
             self._failed(export, message, e.errno or MountError.errno)
             raise MountError(message, e.errno) from None
         except BaseException:
-            # Cancelled mid-mount (only at shutdown): the helper's process group was killed.
-            # Record what the kernel has; shutdown() unmounts whatever is mounted.
+            # Cancelled mid-mount (at shutdown, or every waiter gave up): the helper's
+            # process group was killed. Record what the kernel has; an idle mount lingers
+            # and goes (see _run_attempt), shutdown() unmounts whatever is mounted.
             export.state = State.MOUNTED if is_mounted(export.target) else State.UNMOUNTED
             raise
         export.attempts += 1
@@ -408,8 +464,9 @@ class ExportManager:
                 export.target,
             )
             export.state = State.UNMOUNTED
-            await self._mount(export)
-            return True
+        # As any first mount: a cancelled caller must not abort it for the others.
+        await self._wait_for_mount(export)
+        return True
 
     # -- admin control (the ctl xattr) ---------------------------------------------------
 

@@ -1,63 +1,73 @@
-"""The engine-agnostic filesystem: every FUSE operation fusemux answers, as plain Python.
+"""The engine-agnostic filesystem: the file operations of the mount, as plain Python.
 
-This module owns the behaviour of the mount. An engine (pyfuse3 today, a kernel-passthrough
-engine later) converts a kernel request into one call here and converts the result or the
-:class:`~fusemux.errors.FusemuxError`/``OSError`` back. Nothing here imports a FUSE binding.
+This module owns the behaviour of lookups, attributes, opens, I/O, flush/fsync, release and
+directory listings. An engine (:mod:`fusemux.engines.pyfuse3` or the own ``/dev/fuse``
+engine, :mod:`fusemux.engines.passthrough`) converts a kernel request into one call here,
+with the types of :mod:`fusemux.core.api`, and converts the result or the
+:class:`~fusemux.errors.FusemuxError`/``OSError`` back (:func:`fusemux.errors.reply_errno`).
+Nothing here imports a FUSE binding. The admin xattrs are answered by
+:mod:`fusemux.core.control` and ``statfs``/capacity by :mod:`fusemux.core.capacity`;
+:class:`FileSystem` hands those requests on, so engines talk to one object.
 
 Data flow of an open::
 
-    engine.open -> FileSystem.open -> ExportManager.acquire (lock; mount if needed)
-                -> open_backing in a worker thread -> Handle registered -> reply
+    engine.open -> FileSystem.open -> ExportManager.acquire (mount if needed, in a task
+                   of its own) -> open_backing in a worker thread -> Handle registered -> reply
 
 Release walks back: close the backing fds in a worker thread, then ``ExportManager.release``,
 which starts the linger when the last holder goes.
 
 Concurrency: all state lives in the trio thread. Every syscall on a backing file or backing
-filesystem runs in a worker thread under the export's own ``CapacityLimiter``, so a hung
-export stalls only requests for that export.
+filesystem runs in a worker thread of the export's own pool (:func:`workers.run`), so a hung
+export stalls only requests for that export. The operations in
+:data:`fusemux.core.api.INTERRUPTIBLE` have no side effects: a cancelled caller abandons
+their backing calls instead of waiting for them.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
-import json
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
-from fusemux import __version__
 from fusemux.config import Config
 from fusemux.core import handles as hio
-from fusemux.core import workers, xattrs
-from fusemux.core.exports import Export, ExportManager, State
+from fusemux.core import workers
+from fusemux.core.api import (
+    BLOCK,
+    Attr,
+    Ctx,
+    DirEntry,
+    Engine,
+    OpenReply,
+    SetAttr,
+    StatFs,
+)
+from fusemux.core.capacity import Capacity
+from fusemux.core.control import AdminXattrs, xattr_refusal
+from fusemux.core.exports import Export, ExportManager
 from fusemux.core.handles import DirHandle, Handle, HandleTable
-from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
 from fusemux.core.images import ImageCache
-from fusemux.core.mappings import MappingManager, parse_request, parse_unmap
+from fusemux.core.mappings import MappingManager
 from fusemux.core.mounter import Mounter
 from fusemux.core.namespace import NAME_MAX, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
 from fusemux.core.namespace import visible_volume_name as _visible
 from fusemux.errors import (
     FusemuxError,
-    InvalidRequest,
-    MapNotPermitted,
     NamespaceReadOnly,
-    NoSuchAttribute,
     NotFound,
-    NotPermitted,
     ReadOnlyExport,
-    XattrNotSupported,
-    XattrReadOnly,
 )
+
+__all__ = ["Attr", "Ctx", "DirEntry", "FileSystem", "OpenReply", "SetAttr", "StatFs"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,80 +76,11 @@ T = TypeVar("T")
 # runs; volume attributes may change on the storage side, so they are kept briefly.
 DIR_TIMEOUT = 60.0
 VOLUME_TIMEOUT = 1.0
-# statvfs of a backing filesystem for xattrs/statfs must not hang an admin's getfattr.
-STATVFS_TIMEOUT = 1.0
-BLOCK = 4096
 # Volume entries built per READDIR call (a kernel buffer holds far fewer; the rest is asked
 # for again from the last offset).
 READDIR_BATCH = 256
 # Errnos of a path lookup on a backing mount that may have been unmounted under us.
 _VANISHED = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTCONN})
-_XATTR_PREFIX = xattrs.PREFIX.encode()
-
-
-@dataclass(frozen=True)
-class Attr:
-    """Attributes of one node, engine-neutral."""
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    blocks: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    timeout: float
-    blksize: int = BLOCK
-
-
-@dataclass(frozen=True)
-class OpenReply:
-    fh: int
-    direct_io: bool
-    keep_cache: bool
-    # The handle's backing fd, for engines that hand it to the kernel (FUSE passthrough);
-    # None where I/O must come through the core (an export with io_timeout). It stays open
-    # until release(fh); the engine must not close it.
-    backing_fd: int | None = None
-
-
-@dataclass(frozen=True)
-class DirEntry:
-    name: str
-    attr: Attr
-    next_offset: int
-
-
-@dataclass(frozen=True)
-class StatFs:
-    bsize: int
-    blocks: int
-    bfree: int
-    bavail: int
-    files: int
-    ffree: int
-    namemax: int = 255
-
-
-@dataclass
-class StatvfsProbe:
-    """One statvfs of an export's backing filesystem in flight, shared by its callers."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    result: os.statvfs_result | None = None
-    overdue: bool = False  # a caller gave up on it; later callers do not wait for it
-
-
-@dataclass(frozen=True)
-class Ctx:
-    """Who sent a request (engines fill it from the kernel's request header)."""
-
-    pid: int = 0
-    uid: int = 0
-    gid: int = 0
 
 
 class FileSystem:
@@ -155,12 +96,22 @@ class FileSystem:
         self.handles = HandleTable()
         self.images = ImageCache()
         self.mappings = MappingManager(config, self.exports, self.images)
-        # Set by the engine that serves this core: its name (user.fusemux.engine) and a
-        # callable rendering its request counters as JSON (user.fusemux.engine_stats).
-        self.engine_name = ""
-        self.engine_stats: Callable[[], str] = lambda: "{}"
+        self.capacity = Capacity(self.exports, self.namespace)
+        self.admin = AdminXattrs(
+            self.namespace, self.exports, self.handles, self.mappings, self.images, self.capacity
+        )
         # Synthetic directories carry the daemon's start time.
         self._dir_time_ns = time.time_ns()
+
+    def attach(self, engine: Engine) -> None:
+        """Called by the engine that serves this core: its name and ``statistics()`` are
+        shown in ``user.fusemux.engine`` and ``engine_stats``."""
+        self.admin.engine = engine
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine serving this core (None before one attaches)."""
+        return self.admin.engine
 
     def bind(self, nursery: trio.Nursery) -> None:
         """Give the core the nursery its linger tasks run in (before any request arrives).
@@ -252,6 +203,10 @@ class FileSystem:
     # -- lookup and attributes ---------------------------------------------------------
 
     async def lookup(self, parent: int, name: str, ctx: Ctx) -> Attr:
+        """A name in a directory. In an export: a transient hold (mounts the export if
+        needed; a cancelled caller stops waiting, the mount goes on) and an lstat in the
+        export's workers. ENOENT (unknown or hidden name, not a regular file),
+        ENAMETOOLONG, ENOTDIR, a mount failure's errno (ENXIO, ETIMEDOUT, ...)."""
         node = self.namespace.node(parent)
         if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise FusemuxError(f"name longer than {NAME_MAX} bytes", errno.ENAMETOOLONG)
@@ -270,6 +225,9 @@ class FileSystem:
         raise FusemuxError("not a directory", errno.ENOTDIR)
 
     async def getattr(self, ino: int, ctx: Ctx) -> Attr:
+        """Attributes of a node. Directories: no hold, never blocks. A volume: a transient
+        hold and an lstat; if the backing file was deleted while open, an fstat of an open
+        handle's fd. ENOENT, a mount failure's errno."""
         node = self.namespace.node(ino)
         if node.is_dir:
             return self._dir_attr(node)
@@ -289,6 +247,9 @@ class FileSystem:
         return self._volume_attr(node, st)
 
     async def setattr(self, ino: int, change: SetAttr, fh: int | None, ctx: Ctx) -> Attr:
+        """Size, times, mode and owner changes, on the backing file (through the open fd
+        when *fh* is a writable handle). A transient hold; blocks in the export's workers.
+        EPERM on directories, EROFS for a size change on a read-only export."""
         node = self.namespace.node(ino)
         if node.is_dir:
             raise NamespaceReadOnly("directories of the fusemux mount cannot be changed")
@@ -305,6 +266,10 @@ class FileSystem:
     # -- files -------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int, ctx: Ctx, kill_suidgid: bool = False) -> OpenReply:
+        """Open a volume: a holder for the handle's life (mounts the export if needed), the
+        backing file opened in the export's workers. EISDIR, EROFS (write or O_TRUNC on a
+        read-only export), ESHUTDOWN, a mount failure's errno, the backing open's errno.
+        *kill_suidgid*: clear set-ID bits (FUSE_OPEN_KILL_SUIDGID)."""
         node = self._volume(ino)
         export_cfg = self.exports.get(node.export).config
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
@@ -348,6 +313,8 @@ class FileSystem:
         )
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """pread on the handle's backing fd in the export's workers. EBADF, ETIMEDOUT
+        (io_timeout), EIO (the export's in-flight cap); a cancelled caller abandons it."""
         handle = self.handles.file(fh)
         # A read has no side effect: if its caller is cancelled (an interrupted request),
         # it is abandoned like one past io_timeout, so a killed reader is not held up.
@@ -406,10 +373,15 @@ class FileSystem:
         await self._io(handle.export, hio.flush, handle)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        """fsync/fdatasync of the backing fd in the export's workers; the backing errno
+        passes on (write-back errors on NFS). A cancelled caller abandons it."""
         handle = self.handles.file(fh)
         await self._io(handle.export, hio.fsync, handle, datasync, abandonable=True)
 
     async def release(self, fh: int) -> None:
+        """The last close of a handle: close its backing fd in the export's workers, then
+        drop its holder (the last one starts the linger). Never fails; an unknown fh is
+        ignored. Engines run it shielded: it always completes."""
         handle = self.handles.files.pop(fh, None)
         if handle is None:
             return
@@ -423,6 +395,8 @@ class FileSystem:
     # -- directories -------------------------------------------------------------------
 
     async def opendir(self, ino: int, ctx: Ctx) -> int:
+        """A directory handle; in an export directory it is a holder (mounts the export).
+        ENOTDIR, a mount failure's errno."""
         node = self.namespace.node(ino)
         if not node.is_dir:
             raise FusemuxError("not a directory", errno.ENOTDIR)
@@ -466,282 +440,43 @@ class FileSystem:
         ]
 
     async def releasedir(self, fh: int) -> None:
+        """Drop a directory handle and its holder (a transient one). Never blocks."""
         dh = self.handles.dirs.pop(fh, None)
         if dh is not None and dh.export is not None:
             self.exports.release(dh.export, transient=True)
 
-    # -- filesystem ----------------------------------------------------------------------
+    # -- filesystem and xattrs (answered by capacity.py and control.py) -----------------
 
     async def statfs(self, ctx: Ctx, ino: int | None = None) -> StatFs:
-        """The mount as a whole: the sum over exports that are mounted right now.
-
-        The exports are asked concurrently, so a sick one costs at most STATVFS_TIMEOUT.
-        With *ino* inside an export (its directory or a volume; engines whose statfs request
-        carries the inode), the answer is that export's own backing filesystem, mounted or
-        not: ``df`` on a volume shows the space its image can grow into. An export that does
-        not answer gives EIO after STATVFS_TIMEOUT.
-        """
-        if ino is not None:
-            node = self.namespace.node(ino)
-            if node.export is not None and node.kind in (Kind.EXPORT, Kind.VOLUME):
-                return await self._export_statfs(node.export)
-        results: dict[str, os.statvfs_result | None] = {}
-
-        async def one(name: str) -> None:
-            with contextlib.suppress(NotFound):  # removed by a reload meanwhile
-                results[name] = await self._statvfs(name)
-
-        async with trio.open_nursery() as nursery:
-            for name in self.exports.exports:
-                nursery.start_soon(one, name)
-        total = StatFs(bsize=BLOCK, blocks=0, bfree=0, bavail=0, files=0, ffree=0)
-        for st in results.values():
-            if st is None:
-                continue
-            scale = st.f_frsize / BLOCK
-            total = StatFs(
-                bsize=BLOCK,
-                blocks=total.blocks + int(st.f_blocks * scale),
-                bfree=total.bfree + int(st.f_bfree * scale),
-                bavail=total.bavail + int(st.f_bavail * scale),
-                files=total.files + st.f_files,
-                ffree=total.ffree + st.f_ffree,
-            )
-        return total
-
-    async def _export_statfs(self, name: str) -> StatFs:
-        async with self.exports.hold(name):
-            st = await self._statvfs(name)
-        if st is None:
-            raise FusemuxError(f"statvfs of export {name} did not answer", errno.EIO)
-        return StatFs(
-            bsize=st.f_frsize,
-            blocks=st.f_blocks,
-            bfree=st.f_bfree,
-            bavail=st.f_bavail,
-            files=st.f_files,
-            ffree=st.f_ffree,
-            namemax=min(st.f_namemax, NAME_MAX),
-        )
-
-    async def _statvfs(self, name: str) -> os.statvfs_result | None:
-        """statvfs of a mounted export's backing filesystem; None if not mounted or sick.
-
-        One probe per export at a time: callers that arrive while one runs wait for its
-        result, so a sick export never collects a pile of stuck threads. Each caller waits at
-        most STATVFS_TIMEOUT; the probe itself goes on in the background until the backing
-        filesystem answers (or the daemon stops). The answer must come quickly even then: a
-        process cannot exit while its request is being served, so ``fusemux status`` and
-        ``df`` on a host with a sick export would otherwise hang until the server is back.
-        """
-        async with self.exports.hold_if_mounted(name) as export:
-            if export is None:
-                return None
-            probe: StatvfsProbe | None = export.statvfs_probe
-            if probe is None:
-                probe = export.statvfs_probe = StatvfsProbe()
-                assert self.exports.nursery is not None
-                self.exports.nursery.start_soon(self._run_statvfs, export, probe)
-            if probe.overdue:
-                return None  # it already timed out for someone: do not wait again
-            with trio.move_on_after(STATVFS_TIMEOUT):
-                await probe.done.wait()
-                return probe.result
-            if not probe.overdue:
-                probe.overdue = True
-                log.warning("export %s: statvfs timed out", export.name)
-            return None
-
-    async def _run_statvfs(self, export: Export, probe: StatvfsProbe) -> None:
-        try:
-            probe.result = await trio.to_thread.run_sync(
-                os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
-            )
-        except OSError as e:
-            log.warning("export %s: statvfs failed: %s", export.name, e)
-        finally:
-            probe.done.set()
-            if export.statvfs_probe is probe:
-                export.statvfs_probe = None
-
-    # -- xattrs --------------------------------------------------------------------------
-
-    def _status_json(self, export: str) -> str:
-        """Open handles and mappings of *export*'s volumes as one JSON object.
-
-        ``fusemux status`` reads this instead of each volume's keys: a volume's keys need a
-        lookup of the volume, which stats the backing file and blocks while an NFS server
-        is down; this never touches a backing filesystem.
-        """
-        opened: dict[str, dict[str, Any]] = {}
-        for h in self.handles.for_export(export):
-            entry = opened.setdefault(h.name, {"open_count": 0, "openers": set()})
-            entry["open_count"] += 1
-            entry["openers"].add((h.opener_pid, h.opener_comm))
-        mapped: dict[str, dict[str, Any]] = {}
-        for name in self.mappings.mapped_volumes(export):
-            mapping = self.mappings.get(export, name)
-            if mapping is not None:
-                mapped[name] = {
-                    "mapping": [v for v in mapping.value().split(",") if v],
-                    "options": mapping.options(),
-                    "pid": mapping.pid() or None,
-                }
-        return json.dumps(
-            {
-                "open": {
-                    name: {
-                        "open_count": e["open_count"],
-                        "openers": [f"{pid}:{comm}" for pid, comm in sorted(e["openers"])],
-                    }
-                    for name, e in sorted(opened.items())
-                },
-                "mappings": dict(sorted(mapped.items())),
-            },
-            sort_keys=True,
-        )
-
-    def _open_volumes(self, export: str) -> list[str]:
-        return sorted({h.name for h in self.handles.for_export(export)})
+        """statfs: the sum over mounted exports, or one export's own (see
+        :meth:`Capacity.statfs`). Never mounts; a sick export costs at most 1 s (EIO when
+        *ino* names it)."""
+        return await self.capacity.statfs(ctx, ino)
 
     async def listxattr(self, ino: int, ctx: Ctx) -> list[str]:
-        node = self.namespace.node(ino)
-        if node.kind is Kind.ROOT:
-            return xattrs.full(xattrs.ROOT_KEYS)
-        if node.kind is Kind.EXPORT:
-            return xattrs.export_keys(self.exports.get(node.export).snapshot())
-        if node.kind is Kind.VOLUME:
-            return xattrs.full(xattrs.VOLUME_KEYS)
-        return []
+        """The node's ``user.fusemux.*`` keys. No hold, never blocks. ENOENT: no such node."""
+        return await self.admin.listxattr(ino, ctx)
 
     @staticmethod
     def xattr_refusal(name: bytes) -> int:
-        """0 if fusemux answers xattr *name* (``user.fusemux.*``); otherwise the errno for a
-        get, set or remove of it on any node, so an engine may answer without a call.
-
-        fusemux can never store or show any other name, so it answers as a filesystem
-        without xattr support does: EOPNOTSUPP for get, set and remove alike. libvirt's DAC
-        driver probes ``trusted.libvirt.security.ref_dac`` with a get and skips owner
-        remembering only on EOPNOTSUPP/ENOSYS; ``ls -l`` asks every file for
-        security.selinux and system.posix_acl_access; the kernel probes security.capability
-        before writes and takes any error as "no capability". Never ENOSYS: the kernel would
-        then stop asking for every name, ``user.fusemux.*`` included.
-        """
-        return 0 if name.startswith(_XATTR_PREFIX) else XattrNotSupported.errno
+        """0 if the core answers xattr *name*, else the errno an engine may reply at once
+        (see :func:`fusemux.core.control.xattr_refusal`)."""
+        return xattr_refusal(name)
 
     async def getxattr(self, ino: int, name: str, ctx: Ctx) -> bytes:
-        # Foreign names first, without work: the kernel probes security.capability before
-        # writes (once per inode with KILLPRIV_V2, before every write without it).
-        if not name.startswith(xattrs.PREFIX):
-            raise XattrNotSupported(f"{name}: fusemux stores no extended attributes")
-        key = name[len(xattrs.PREFIX) :]
-        node = self.namespace.node(ino)
-        values: dict[str, str] = {}
-        if node.kind is Kind.ROOT:
-            values = dict(
-                xattrs.render_root(__version__, os.getpid(), self.engine_name, self.engine_stats())
-            )
-        elif node.kind is Kind.EXPORT:
-            export = self.exports.get(node.export)
-            snap = export.snapshot()
-            if key in xattrs.MOUNTED_ONLY:
-                if snap.state is not State.MOUNTED:
-                    raise NoSuchAttribute(name)
-                st = await self._statvfs(node.export)
-                if st is None:
-                    raise FusemuxError(f"statvfs of {export.target} failed", errno.EIO)
-                values = {
-                    "capacity": str(st.f_blocks * st.f_frsize),
-                    "free": str(st.f_bavail * st.f_frsize),
-                }
-            else:
-                values = xattrs.render_export(
-                    snap,
-                    export.config.read_only,
-                    self._open_volumes(node.export),
-                    self.mappings.mapped_volumes(node.export),
-                )
-                values["status_json"] = self._status_json(node.export)
-        elif node.kind is Kind.VOLUME:
-            snap = self.exports.get(node.export).snapshot()
-            openers = [
-                xattrs.Opener(h.opener_pid, h.opener_comm) for h in self.handles.for_inode(ino)
-            ]
-            values = xattrs.render_volume(snap, node.name, openers)
-            values.update(xattrs.render_mapping(self._mapping_view(node)))
-            if key in xattrs.IMAGE_KEYS:
-                # Read from the image's own header (cached against mtime and size).
-                async with self.exports.hold(node.export) as export:
-                    info = await self._io(export, self.images.info, export.target, node.name)
-                values.update(xattrs.render_image(info))
-        if key not in values:
-            raise NoSuchAttribute(name)
-        return values[key].encode("utf-8", "surrogateescape")
-
-    def _mapping_view(self, node: Node) -> xattrs.MappingView:
-        mapping = self.mappings.get(node.export, node.name)
-        if mapping is None:
-            return xattrs.MappingView()
-        return xattrs.MappingView(mapping.value(), mapping.options(), mapping.pid())
-
-    async def _map_request(self, node: Node, key: str, value: bytes, ctx: Ctx) -> None:
-        """``user.fusemux.map`` / ``unmap`` on a volume: root only (the FUSE request's uid)."""
-        label = f"{node.export}/{node.name}"
-        try:
-            if ctx.uid != 0:
-                raise MapNotPermitted(f"{key} of {label} refused: uid {ctx.uid} is not root")
-            if key == xattrs.MAP_KEY:
-                request = parse_request(value)
-                await self.mappings.map(node.export, node.name, request)
-            else:
-                parse_unmap(value)
-                await self.mappings.unmap(node.export, node.name)
-        except FusemuxError as e:
-            log.info("%s request for %s refused: %s", key, label, e.message)
-            raise
+        """A ``user.fusemux.*`` view (control.py). ENODATA for a key the node lacks,
+        EOPNOTSUPP for any other name. Image keys take a transient hold and read the
+        header in the export's workers; capacity/free wait at most 1 s (EIO)."""
+        return await self.admin.getxattr(ino, name, ctx)
 
     async def setxattr(self, ino: int, name: str, value: bytes, ctx: Ctx) -> None:
-        node = self.namespace.node(ino)
-        if name == xattrs.CTL and node.kind is Kind.EXPORT:
-            await self._control(node.export, value, ctx)
-            return
-        key = name[len(xattrs.PREFIX) :] if name.startswith(xattrs.PREFIX) else ""
-        if node.kind is Kind.VOLUME and key in (xattrs.MAP_KEY, xattrs.UNMAP_KEY):
-            await self._map_request(node, key, value, ctx)
-            return
-        if name.startswith(xattrs.PREFIX):
-            raise XattrReadOnly(f"{name} is read-only")
-        raise XattrNotSupported("fusemux stores no extended attributes")
-
-    async def _control(self, export: str, value: bytes, ctx: Ctx) -> None:
-        """``user.fusemux.ctl`` on an export directory: ``mount`` pins, ``unmount`` unpins."""
-        if ctx.uid != 0:
-            log.warning("export %s: ctl refused for uid %d (root only)", export, ctx.uid)
-            raise NotPermitted(f"only root may control export {export}")
-        try:
-            command = value.decode("ascii").strip()
-        except UnicodeDecodeError:
-            command = None
-        if command not in xattrs.CTL_COMMANDS:
-            shown = value[:64].decode("ascii", "backslashreplace")
-            log.warning(
-                "export %s: ctl value %r refused: expected one of %s",
-                export,
-                shown,
-                ", ".join(xattrs.CTL_COMMANDS),
-            )
-            raise InvalidRequest(f"unknown ctl value {shown!r}")
-        log.info("export %s: ctl %s", export, command)
-        if command == "mount":
-            await self.exports.pin(export)
-        else:
-            await self.exports.unpin(export)
+        """``ctl`` (pin/unpin, may mount or unmount), ``map``/``unmap`` (root only, EPERM);
+        EPERM for the read-only keys, EINVAL for a bad value, EOPNOTSUPP for other names."""
+        await self.admin.setxattr(ino, name, value, ctx)
 
     async def removexattr(self, ino: int, name: str, ctx: Ctx) -> None:
-        self.namespace.node(ino)
-        if name.startswith(xattrs.PREFIX):  # also map/unmap: removing one requests nothing
-            raise XattrReadOnly(f"{name} is read-only")
-        raise XattrNotSupported("fusemux stores no extended attributes")
+        """EPERM for ``user.fusemux.*``, EOPNOTSUPP for any other name; changes nothing."""
+        await self.admin.removexattr(ino, name, ctx)
 
     # -- namespace changes -------------------------------------------------------------
 
@@ -755,6 +490,7 @@ class FileSystem:
     # -- shutdown ----------------------------------------------------------------------
 
     def open_volumes(self) -> list[str]:
+        """``export/volume`` of every open file handle (the stop policy counts them)."""
         return sorted({f"{h.export.name}/{h.name}" for h in self.handles.files.values()})
 
     def users(self) -> list[str]:

@@ -20,7 +20,6 @@ thread (:mod:`fusemux.core.workers` ends idle threads).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -29,6 +28,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusemux import libc
+from fusemux.core.api import SetAttr
 from fusemux.core.exports import Export
 from fusemux.errors import BadHandle, NotFound
 
@@ -38,21 +39,6 @@ _PAGE = mmap.PAGESIZE
 # truncate for it.
 _FORWARDED_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC
 _BACKING_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-@dataclass(frozen=True)
-class SetAttr:
-    """The attribute changes of a setattr request; None means unchanged."""
-
-    size: int | None = None
-    atime_ns: int | None = None
-    mtime_ns: int | None = None
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    # The kernel asks (FUSE_HANDLE_KILLPRIV_V2) to clear set-user-ID and set-group-ID as a
-    # truncate by an unprivileged caller would.
-    kill_suidgid: bool = False
 
 
 @dataclass
@@ -206,10 +192,7 @@ def kill_suidgid(fd: int) -> None:
 
 def fallocate(handle: Handle, mode: int, off: int, length: int) -> None:
     """fallocate(2) on the backing fd (punch-hole, zero-range, preallocate)."""
-    res = _libc().fallocate(handle.fd, mode, ctypes.c_long(off), ctypes.c_long(length))
-    if res != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    libc.fallocate(handle.fd, mode, off, length)
 
 
 def lseek(handle: Handle, off: int, whence: int) -> int:
@@ -219,17 +202,6 @@ def lseek(handle: Handle, off: int, whence: int) -> int:
     it is harmless.
     """
     return os.lseek(handle.fd, off, whence)
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return _LIBC
 
 
 def _aligned(n: int) -> int:

@@ -9,7 +9,7 @@ The parsers are pure functions over bytes, so corrupt or truncated headers are h
 place and can be fuzzed: they never raise, they fall back to ``raw`` and an empty backing file.
 
 Concurrency: :class:`ImageCache` does blocking file I/O and must be called from a worker
-thread (``trio.to_thread.run_sync`` under the export's limiter). Its dictionary is guarded by a
+thread (:func:`fusemux.core.workers.run`, the export's own pool). Its dictionary is guarded by a
 ``threading.Lock``, because several worker threads of one export may use it at once. Entries are
 keyed by path and validated against ``(st_mtime_ns, st_size, st_ino)``, so a changed file is
 parsed again and an unchanged one never is.

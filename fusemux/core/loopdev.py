@@ -6,7 +6,7 @@ sysfs reads about loop devices (``/sys/block/loopN/loop/backing_file``, ``holder
 runs losetup.
 
 Every function here blocks (ioctls, opens of device nodes, sysfs reads). Callers in the trio
-thread run them through ``trio.to_thread.run_sync``.
+thread run them through :func:`fusemux.core.workers.run` (the export's own pool).
 
 Attaching races with other processes: between ``LOOP_CTL_GET_FREE`` and ``LOOP_CONFIGURE``
 another process may take the same device. ``LOOP_CONFIGURE`` then fails with ``EBUSY`` and

@@ -12,8 +12,6 @@ rather than orphaning the helper. Nothing here blocks the event loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -24,6 +22,7 @@ from typing import Protocol
 
 import trio
 
+from fusemux import libc
 from fusemux.config import ExportConfig
 from fusemux.errors import MountError, MountTimeout, UnmountError
 
@@ -97,17 +96,9 @@ def is_mounted(path: str | Path) -> bool:
     return bool(mounts_at(path))
 
 
-_libc: ctypes.CDLL | None = None
-
-
 def umount2(path: str | Path, flags: int) -> None:
     """umount2(2) without resolving the path in userspace (safe on stale FUSE mounts)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if _libc.umount2(os.fsencode(path), ctypes.c_int(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
+    libc.umount2(path, flags)
 
 
 def mount_errno(message: str) -> int:

@@ -54,11 +54,15 @@ def select(wanted: str, workdir: Path) -> tuple[str, str]:
     return "pyfuse3", f"auto: {why}"
 
 
-def create(name: str, fs: FileSystem, mountpoint: str, debug: bool = False) -> Engine:
+def create(
+    name: str, fs: FileSystem, mountpoint: str, debug: bool = False, kernel_passthrough: bool = True
+) -> Engine:
+    """The engine *name* serving *fs* at *mountpoint*. *kernel_passthrough* False makes the
+    own engine serve every read and write itself (config ``kernel_passthrough = "off"``)."""
     if name == "passthrough":
         from fusemux.engines import passthrough
 
-        return passthrough.Session(fs, mountpoint, debug=debug)
+        return passthrough.Session(fs, mountpoint, passthrough=kernel_passthrough, debug=debug)
     from fusemux.engines import pyfuse3
 
     return pyfuse3.Pyfuse3Engine(fs, mountpoint, debug)

@@ -27,19 +27,18 @@ node's count and FORGET takes them back. The core's inode numbers are stable for
 life, so nothing is freed on FORGET, but a count going below zero means the engine and the
 kernel disagree: that is logged at ERROR and counted in ``engine_stats`` (``forget_errors``).
 
-Interrupts: INTERRUPT cancels the named request's task if it is one of the side-effect-free
-requests (reads, lookups, stats, xattr reads, fsync); it is then answered with EINTR. The
-core abandons a read in flight as it does at ``io_timeout``, so a process killed while it
-waits on a hung export can exit.
+Interrupts: INTERRUPT cancels the named request's task if the core says its operation may
+be cancelled (:func:`fusemux.core.api.may_interrupt`: the side-effect-free reads, lookups,
+stats, xattr reads, fsync); it is then answered with EINTR. The core abandons a backing call
+in flight as it does at ``io_timeout``, so a process killed while it waits on a hung export
+can exit, and a mount the request was waiting for goes on for every other caller.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import json
 import logging
 import os
 import select
@@ -52,10 +51,12 @@ from pathlib import Path
 
 import trio
 
-from fusemux.core.fs import Attr, Ctx, DirEntry, FileSystem, SetAttr
+from fusemux import libc
+from fusemux.core.api import Attr, Ctx, DirEntry, EngineStatistics, Op, SetAttr, may_interrupt
+from fusemux.core.fs import FileSystem
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 from fusemux.engines import fuse_abi as abi
-from fusemux.errors import FusemuxError, errno_of
+from fusemux.errors import FusemuxError, reply_errno
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +74,31 @@ FSNAME = "fusemux"
 _MS_NOSUID = 2
 _MS_NODEV = 4
 
-# Requests an INTERRUPT may cancel: none of them changes anything.
-_INTERRUPTIBLE = frozenset(
-    {
-        abi.LOOKUP,
-        abi.GETATTR,
-        abi.READ,
-        abi.STATFS,
-        abi.GETXATTR,
-        abi.LISTXATTR,
-        abi.READDIR,
-        abi.READDIRPLUS,
-        abi.ACCESS,
-        abi.LSEEK,
-        abi.FSYNC,
-    }
-)
+# The core's name for each opcode it serves, for the policy questions the engine asks it
+# (which requests an INTERRUPT may cancel: fusemux.core.api.INTERRUPTIBLE).
+_OPS = {
+    abi.LOOKUP: Op.LOOKUP,
+    abi.GETATTR: Op.GETATTR,
+    abi.SETATTR: Op.SETATTR,
+    abi.OPEN: Op.OPEN,
+    abi.READ: Op.READ,
+    abi.WRITE: Op.WRITE,
+    abi.STATFS: Op.STATFS,
+    abi.RELEASE: Op.RELEASE,
+    abi.FSYNC: Op.FSYNC,
+    abi.FLUSH: Op.FLUSH,
+    abi.FALLOCATE: Op.FALLOCATE,
+    abi.LSEEK: Op.LSEEK,
+    abi.ACCESS: Op.ACCESS,
+    abi.GETXATTR: Op.GETXATTR,
+    abi.LISTXATTR: Op.LISTXATTR,
+    abi.SETXATTR: Op.SETXATTR,
+    abi.REMOVEXATTR: Op.REMOVEXATTR,
+    abi.OPENDIR: Op.OPENDIR,
+    abi.READDIR: Op.READDIR,
+    abi.READDIRPLUS: Op.READDIR,
+    abi.RELEASEDIR: Op.RELEASEDIR,
+}
 _NAMESPACE_OPS = {
     abi.MKNOD: "mknod",
     abi.MKDIR: "mkdir",
@@ -125,22 +135,12 @@ class Backing:
     fh: int  # the handle whose backing fd was registered (the core keeps it open until release)
 
 
-_LIBC: ctypes.CDLL | None = None
-
-
 def kernel_mount(fd: int, mountpoint: str, fsname: str = FSNAME, fstype: str = FSTYPE) -> None:
     """mount(2) a FUSE filesystem served on *fd* at *mountpoint*."""
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        _LIBC.mount.restype = ctypes.c_int
-    opts = f"fd={fd},{MOUNT_OPTIONS}".encode()
-    target = os.fsencode(mountpoint)
-    flags = _MS_NOSUID | _MS_NODEV
-    if _LIBC.mount(fsname.encode(), target, fstype.encode(), flags, opts) != 0:
-        err = ctypes.get_errno()
-        raise EngineError(f"mount of {mountpoint} refused: {os.strerror(err)}")
+    try:
+        libc.mount(fsname, mountpoint, fstype, _MS_NOSUID | _MS_NODEV, f"fd={fd},{MOUNT_OPTIONS}")
+    except OSError as e:
+        raise EngineError(f"mount of {mountpoint} refused: {e.strerror}") from None
 
 
 def kernel_umount(mountpoint: str) -> None:
@@ -326,8 +326,7 @@ class Session:
             abi.FALLOCATE: self._fallocate,
             abi.LSEEK: self._lseek,
         }
-        fs.engine_name = NAME
-        fs.engine_stats = self.stats_json
+        fs.attach(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -412,19 +411,17 @@ class Session:
             os.close(self.fd)
             self.fd = -1
 
-    def stats_json(self) -> str:
-        return json.dumps(
-            {
-                "protocol": f"{self.proto[0]}.{self.proto[1]}",
-                "flags": abi.flag_names(self.flags),
-                "passthrough": self.passthrough,
-                "max_write": MAX_WRITE,
-                "max_stack_depth": abi.MAX_STACK_DEPTH if self.passthrough else 0,
-                "backing_registered": len(self.backing),
-                "nodes_looked_up": len(self.lookups),
-                "requests": dict(sorted(self.stats.items())),
-            },
-            sort_keys=True,
+    def statistics(self) -> EngineStatistics:
+        """The negotiated connection and the request counters (``engine_stats``)."""
+        return EngineStatistics(
+            passthrough=self.passthrough,
+            requests=dict(self.stats),
+            protocol=f"{self.proto[0]}.{self.proto[1]}",
+            flags=tuple(abi.flag_names(self.flags)),
+            max_write=MAX_WRITE,
+            max_stack_depth=abi.MAX_STACK_DEPTH if self.passthrough else 0,
+            backing_registered=len(self.backing),
+            nodes_looked_up=len(self.lookups),
         )
 
     # -- the request loop -----------------------------------------------------------------
@@ -517,15 +514,9 @@ class Session:
             # Only an INTERRUPT cancels this scope.
             self.stats["interrupted"] += 1
             self._reply_error(req.unique, errno.EINTR)
-        except FusemuxError as e:
-            log.debug("%s: %s (errno %d)", abi.OPCODE_NAMES.get(req.opcode), e.message, e.errno)
-            self._reply_error(req.unique, e.errno)
-        except OSError as e:
-            log.debug("%s: %s", abi.OPCODE_NAMES.get(req.opcode), e)
-            self._reply_error(req.unique, errno_of(e))
-        except Exception:
-            log.exception("unexpected error in %s", abi.OPCODE_NAMES.get(req.opcode))
-            self._reply_error(req.unique, errno.EIO)
+        except Exception as e:
+            op = abi.OPCODE_NAMES.get(req.opcode, str(req.opcode))
+            self._reply_error(req.unique, reply_errno(e, op, log))
         finally:
             self.inflight.pop(req.unique, None)
 
@@ -547,7 +538,7 @@ class Session:
 
     def _interrupt(self, unique: int) -> None:
         found = self.inflight.get(unique)
-        if found is not None and found[0] in _INTERRUPTIBLE:
+        if found is not None and may_interrupt(_OPS.get(found[0])):
             found[1].cancel()
 
     # -- lookup counts ---------------------------------------------------------------------

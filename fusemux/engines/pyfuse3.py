@@ -2,7 +2,7 @@
 
 This module owns the translation only: inode/bytes/flags in, ``EntryAttributes``/``FileInfo``
 out, and every failure turned into ``FUSEError`` with the errno chosen by
-:func:`fusemux.errors.errno_of`. No mount logic, locking or I/O policy lives here. It is the
+:func:`fusemux.errors.reply_errno`. No mount logic, locking or I/O policy lives here. It is the
 only module of fusemux that imports pyfuse3.
 
 pyfuse3 3.5 limits, handled by omission: it has no fallocate or lseek handler (the kernel
@@ -12,20 +12,17 @@ the mount as a whole.
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
-from fusemux.core.fs import Attr, Ctx, FileSystem
-from fusemux.core.handles import SetAttr
-from fusemux.errors import FusemuxError, errno_of
+from fusemux.core.api import Attr, Ctx, EngineStatistics, SetAttr
+from fusemux.core.fs import FileSystem
+from fusemux.errors import reply_errno
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -36,31 +33,23 @@ FUSE_OPTIONS = frozenset(
 )
 
 
-# Requests served, by operation (user.fusemux.engine_stats).
-STATS: Counter[str] = Counter()
-
-
-def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn core errors into FUSEError. Anything unexpected is logged with its traceback."""
+def _errors(
+    fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
+    """Count the request and turn core errors into FUSEError (errors.reply_errno)."""
     op = fn.__name__.upper()
 
-    @wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        STATS[op] += 1
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.stats[op] += 1
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except FusemuxError as e:
-            log.debug("%s: %s (errno %d)", fn.__name__, e.message, e.errno)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            log.debug("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno_of(e)) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(reply_errno(e, fn.__name__, log)) from None
 
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -104,6 +93,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
+        self.stats: Counter[str] = Counter()  # requests served, by operation
 
     @_errors
     async def lookup(
@@ -112,7 +102,7 @@ class Operations(pyfuse3.Operations):
         return _entry(await self.fs.lookup(parent_inode, _name(name), _ctx(ctx)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        STATS["FORGET"] += 1
+        self.stats["FORGET"] += 1
         # Inodes are derived from paths and kept for the daemon's life; nothing to drop.
         return None
 
@@ -204,7 +194,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(b"security."):  # the kernel's capability probe before writes
-            STATS["GETXATTR_security"] += 1
+            self.stats["GETXATTR_security"] += 1
         return await self.fs.getxattr(inode, _name(name), _ctx(ctx))
 
     @_errors
@@ -329,14 +319,17 @@ class Pyfuse3Engine:
         self.fs = fs
         self.mountpoint = mountpoint
         self.debug = debug
-        fs.engine_name = self.name
-        fs.engine_stats = lambda: json.dumps(
-            {"passthrough": False, "requests": dict(sorted(STATS.items()))}, sort_keys=True
-        )
+        self.ops: Operations | None = None
+        fs.attach(self)
+
+    def statistics(self) -> EngineStatistics:
+        """Requests served, by operation (``user.fusemux.engine_stats``)."""
+        stats = self.ops.stats if self.ops is not None else {}
+        return EngineStatistics(passthrough=False, requests=dict(stats))
 
     def mount(self) -> None:
         try:
-            mount(self.fs, self.mountpoint, self.debug)
+            self.ops = mount(self.fs, self.mountpoint, self.debug)
         except RuntimeError as e:
             # pyfuse3.init raises RuntimeError when the kernel refuses the FUSE mount.
             raise OSError(f"cannot mount {self.mountpoint}: {e}") from None

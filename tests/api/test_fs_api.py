@@ -26,21 +26,16 @@ import pyfuse3
 import pytest
 import trio
 
+import fusemux.core.capacity as capacity_mod
 import fusemux.core.exports as exports_mod
 import fusemux.core.fs as fs_mod
 from fusemux import __version__
 from fusemux.config import Config
 from fusemux.core import handles as hio
 from fusemux.core import workers
+from fusemux.core.api import BLOCK, Ctx, EngineStatistics, SetAttr
 from fusemux.core.exports import State
-from fusemux.core.fs import (
-    BLOCK,
-    DIR_TIMEOUT,
-    VOLUME_TIMEOUT,
-    Ctx,
-    FileSystem,
-    SetAttr,
-)
+from fusemux.core.fs import DIR_TIMEOUT, VOLUME_TIMEOUT, FileSystem
 from fusemux.core.namespace import ROOT_INO, VOLUMES_INO
 from fusemux.engines.pyfuse3 import Operations
 from fusemux.errors import FusemuxError, errno_of
@@ -577,10 +572,22 @@ async def test_root_xattrs(env: Env) -> None:
         "engine": "",
         "engine_stats": "{}",
     }
-    env.fs.engine_name = "test"
-    env.fs.engine_stats = lambda: '{"requests": {}}'
+
+    class Engine:
+        name = "test"
+        served = 0
+
+        def statistics(self) -> EngineStatistics:
+            return EngineStatistics(passthrough=False, requests={"READ": self.served})
+
+    engine = Engine()
+    env.fs.attach(engine)
     assert (await env.fs.getxattr(ROOT_INO, P + "engine", ME)) == b"test"
-    assert (await env.fs.getxattr(ROOT_INO, P + "engine_stats", ME)) == b'{"requests": {}}'
+    stats = json.loads(await env.fs.getxattr(ROOT_INO, P + "engine_stats", ME))
+    assert stats == {"passthrough": False, "requests": {"READ": 0}}
+    engine.served = 7  # read live, at every getxattr
+    stats = json.loads(await env.fs.getxattr(ROOT_INO, P + "engine_stats", ME))
+    assert stats["requests"] == {"READ": 7}
     assert await env.fs.listxattr(VOLUMES_INO, ME) == []
     assert await errno_raised(env.fs.getxattr(VOLUMES_INO, P + "state", ME)) == errno.ENODATA
 
@@ -977,7 +984,7 @@ async def test_status_json_names_open_handles_without_touching_volumes(env: Env)
 async def test_a_stuck_statvfs_is_shared_and_answered_quickly(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fs_mod, "STATVFS_TIMEOUT", 0.2)
+    monkeypatch.setattr(capacity_mod, "STATVFS_TIMEOUT", 0.2)
     gold = await env.fs.open(await env.volume("gold", "vm1.raw"), os.O_RDONLY, ME)
     release = threading.Event()
     calls: list[str] = []

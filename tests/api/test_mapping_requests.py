@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusemux.core.fs import Ctx
+from fusemux.core import loopdev
+from fusemux.core.api import Ctx
 from fusemux.core.mappings import MapRequest, parse_request
 from fusemux.errors import BadMapRequest
 from tests.api.test_fs_api import ME, Env, P, errno_raised, make_env
@@ -94,8 +95,7 @@ async def test_loop_mapping_holds_its_export(env: Env) -> None:
         assert (await fs.getxattr(env.ino("gold"), P + "mapped_volumes", ME)) == b"vm1.raw"
         name = os.path.basename(device)
         sysfs = trio.Path(f"/sys/block/{name}")
-        backing = (await (sysfs / "loop" / "backing_file").read_text()).strip()
-        assert backing == str(env.target("gold") / "vm1.raw")
+        assert loopdev.backing_file(device) == str(env.target("gold") / "vm1.raw")
         assert (await (sysfs / "ro").read_text()).strip() == "1"
         assert export.holders == 1
         assert await errno_raised(fs.setxattr(vol, P + "map", b"loop", ME)) == errno.EBUSY
@@ -104,4 +104,4 @@ async def test_loop_mapping_holds_its_export(env: Env) -> None:
         await fs.setxattr(vol, P + "unmap", b"", ME)
     assert export.holders == 0
     assert (await fs.getxattr(vol, P + "mapping", ME)) == b""
-    assert not await (sysfs / "loop" / "backing_file").exists()
+    assert loopdev.backing_file(device) is None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -26,25 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.mount.harness import Daemon  # noqa: E402
+from fusemux.core import loopdev  # noqa: E402
+from tests.mount.harness import Daemon, loops_backed_by  # noqa: E402
 from tests.stormlib import StormConfig, format_result, run_storm  # noqa: E402
-
-LOOP_CLR_FD = 0x4C01
 
 
 def detach_loops(base: Path) -> list[str]:
     """Detach loop devices whose backing file lies under *base*; the ones found."""
-    found = []
-    for dev in Path("/sys/block").glob("loop*"):
+    found = loops_backed_by(lambda backing: backing.startswith(str(base) + "/"))
+    for dev in found:
         with contextlib.suppress(OSError):
-            backing = (dev / "loop" / "backing_file").read_text().strip()
-            if backing.startswith(str(base) + "/"):
-                found.append(f"/dev/{dev.name}")
-                fd = os.open(f"/dev/{dev.name}", os.O_RDONLY)
-                try:
-                    fcntl.ioctl(fd, LOOP_CLR_FD)
-                finally:
-                    os.close(fd)
+            loopdev.detach(dev)
     return found
 
 

@@ -23,8 +23,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.mount)
 
 
-# Every tier-(c) test runs once per FUSE engine.
-ENGINES = ("pyfuse3", "passthrough")
+# Every tier-(c) test runs once per FUSE engine, and once more on the own engine with
+# kernel_passthrough = "off" ("fallback": every read and write served by fusemux, as on a
+# kernel without FUSE passthrough).
+ENGINES = ("pyfuse3", "passthrough", "fallback")
 
 
 @pytest.fixture(params=ENGINES)

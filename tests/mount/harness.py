@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusemux.core import loopdev
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 
 
@@ -64,7 +65,11 @@ class Daemon:
 
     def __init__(self, base: Path, engine: str = "pyfuse3") -> None:
         self.base = base
-        self.engine = engine
+        # "fallback" is the own engine with kernel_passthrough = "off": it serves every read
+        # and write itself, as on a kernel without FUSE passthrough.
+        self.mode = engine
+        self.engine = "passthrough" if engine == "fallback" else engine
+        self.kernel_passthrough = "off" if engine == "fallback" else "auto"
         self.mnt = base / "mnt"
         self.state = base / "state"
         self.log_path = base / "daemon.log"
@@ -77,8 +82,14 @@ class Daemon:
 
     @property
     def passthrough(self) -> bool:
-        """Kernel passthrough engine: open files keep reading and writing the backing file
+        """Kernel passthrough in use: open files keep reading and writing the backing file
         even after the daemon is gone (the kernel holds the backing file, not fusemux)."""
+        return self.engine == "passthrough" and self.kernel_passthrough != "off"
+
+    @property
+    def own_engine(self) -> bool:
+        """fusemux's own /dev/fuse engine (with or without kernel passthrough): FALLOCATE,
+        LSEEK, per-export STATFS, INTERRUPT, HANDLE_KILLPRIV_V2."""
         return self.engine == "passthrough"
 
     # -- configuration -------------------------------------------------------------
@@ -90,6 +101,8 @@ class Daemon:
             f"mount_timeout = {mount_timeout!r}",
         ]
         top.setdefault("engine", self.engine)
+        if self.kernel_passthrough != "auto":
+            top.setdefault("kernel_passthrough", self.kernel_passthrough)
         lines += [f"{k} = {toml_value(v)}" for k, v in top.items()]
         for name, spec in self.exports.items():
             lines.append(f"\n[exports.{name}]")
@@ -231,6 +244,16 @@ def run(*argv: str | Path, check: bool = True, **kw: Any) -> subprocess.Complete
             f"{argv} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
         )
     return result
+
+
+def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run a command as the unprivileged user nobody (uid/gid 65534, no groups)."""
+    return run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv, check=False)
+
+
+def loops_backed_by(match: Callable[[str], bool]) -> list[str]:
+    """Attached loop devices (``/dev/loopN``) whose backing file satisfies *match*."""
+    return sorted(dev for dev, backing in loopdev.attached_loops().items() if match(backing))
 
 
 # -- helpers for the fault tests (tests/mount/test_faults.py) ------------------------------

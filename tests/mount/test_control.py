@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PUBLIC_DIR
-from tests.mount.harness import Daemon, mounted_at, run, wait_for
+from tests.mount.harness import Daemon, as_nobody, mounted_at, run, wait_for
 
 VOL = b"volume-data\n" * 100
 CTL = "user.fusemux.ctl"
@@ -126,16 +126,7 @@ def test_ctl_bad_values_and_non_root(daemon: Daemon) -> None:
         "except OSError as e:\n"
         "    sys.exit(e.errno)\n"
     )
-    result = run(
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "/usr/bin/python3",
-        "-c",
-        code,
-        check=False,
-    )
+    result = as_nobody("/usr/bin/python3", "-c", code)
     assert result.returncode == errno.EPERM, result.stderr
     assert daemon.xattr(export, "state") == "unmounted"
     assert not daemon.backing_mounted("gold")

@@ -45,6 +45,7 @@ from fusemux.core.mounter import MNT_DETACH, umount2
 from tests.mount.hangfs import content
 from tests.mount.harness import (
     Daemon,
+    loops_backed_by,
     mount_helper,
     mount_ids_at,
     mounted_at,
@@ -271,6 +272,78 @@ def test_failed_mount_backoff_fails_fast_then_retries(daemon: Daemon) -> None:
         assert attempts(counter) == before + 1
         assert daemon.xattr(daemon.volumes("flaky"), "last_error") == ""
         daemon.wait_unmounted("flaky")
+
+
+SLOW_HELPER = """#!/bin/sh
+echo run >> {counter}
+sleep {delay}
+exec mount --bind {src} "$2"
+"""
+
+# A process that stats a path and reports how that ended; SIGUSR1 interrupts it (a handled
+# signal, so the kernel sends FUSE INTERRUPT for the request it waits on).
+STAT_AND_REPORT = """
+import os, signal, sys
+def stop(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGUSR1, stop)
+print("ready", flush=True)
+try:
+    os.stat(sys.argv[1])
+    print("ok", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+except OSError as e:
+    print(f"errno {e.errno}", flush=True)
+"""
+
+
+def test_interrupted_lookup_does_not_abort_a_mount_others_wait_for(daemon: Daemon) -> None:
+    """Issue 11: a slow mount, two processes waiting on the same export (stat of two
+    volumes), one of them interrupted. The other still gets its volume, the mount helper is
+    not killed (one attempt, no failure, no backoff), and the interrupted one stops waiting."""
+    fstype = f"fmxslow{os.getpid()}"
+    counter = daemon.base / "attempts"
+    src = daemon.base / "slow-src"
+    src.mkdir()
+    (src / "a").write_bytes(VOL)
+    (src / "b").write_bytes(VOL)
+    daemon.exports["slow"] = {"source": "server:/slow", "fstype": fstype}
+    daemon.write_config(linger=30.0, mount_timeout=30.0)
+    script = SLOW_HELPER.format(counter=counter, src=src, delay=4)
+    procs: list[subprocess.Popen[str]] = []
+    with mount_helper(fstype, script):
+        daemon.start()
+        try:
+            for name in ("a", "b"):
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", STAT_AND_REPORT, str(daemon.volume("slow", name))],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                procs.append(proc)
+                assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            wait_for(lambda: attempts(counter) == 1, 10, "the slow mount to start")
+            time.sleep(0.5)  # both LOOKUPs are in the daemon, waiting for the mount
+            assert daemon.state_of("slow") == "mounting"
+            interrupted, waiting = procs
+            interrupted.send_signal(signal.SIGUSR1)
+            out_a, _ = interrupted.communicate(timeout=30)
+            out_b, _ = waiting.communicate(timeout=30)
+            assert out_b.strip() == "ok", out_b
+            # The interrupted stat ends by the signal (EINTR from the daemon, then the
+            # handler), or got its answer because the mount finished first; never an error.
+            assert out_a.strip() in ("interrupted", "ok"), out_a
+            assert attempts(counter) == 1, "the mount was killed and made again"
+            assert daemon.state_of("slow") == "mounted"
+            assert daemon.xattr(daemon.volumes("slow"), "mount_count") == "1"
+            assert daemon.xattr(daemon.volumes("slow"), "last_error") == ""
+            assert "mount of" not in daemon.log()
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 # -- 2. mount hangs ---------------------------------------------------------------------------
@@ -709,11 +782,7 @@ def test_backing_file_deleted_under_open_volume(daemon: Daemon) -> None:
 
 def image_loops(image: Path) -> list[str]:
     """Loop devices whose backing file is *image*."""
-    return sorted(
-        p.parent.parent.name
-        for p in Path("/sys/block").glob("loop*/loop/backing_file")
-        if p.read_text().strip() == str(image)
-    )
+    return loops_backed_by(lambda backing: backing == str(image))
 
 
 @pytest.mark.parametrize("kind", ["bind", "ext4"])

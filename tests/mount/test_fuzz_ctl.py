@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.conftest import PUBLIC_DIR
-from tests.mount.harness import Daemon, run, wait_for
+from tests.mount.harness import Daemon, as_nobody, wait_for
 
 CTL = "user.fusemux.ctl"
 VOL = b"fuzz-volume\n" * 64
@@ -163,17 +163,8 @@ def test_non_root_ctl_gets_eperm_and_changes_nothing(daemon: Daemon) -> None:
         "            codes.append(e.errno)\n"
         "print(' '.join(map(str, codes)))\n"
     )
-    result = run(
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "/usr/bin/python3",
-        "-c",
-        code,
-        daemon.volumes("gold"),
-        daemon.volumes("silver"),
-        check=False,
+    result = as_nobody(
+        "/usr/bin/python3", "-c", code, daemon.volumes("gold"), daemon.volumes("silver")
     )
     assert result.returncode == 0, result.stderr
     codes = [int(c) for c in result.stdout.split()]

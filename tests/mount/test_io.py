@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PUBLIC_DIR
-from tests.mount.harness import Daemon, run, wait_for
+from tests.mount.harness import Daemon, as_nobody, run, wait_for
 
 MiB = 1 << 20
 
@@ -168,8 +168,8 @@ def fallocate(fd: int, mode: int, off: int, length: int) -> int:
 
 
 def test_fallocate_is_eopnotsupp_and_qemu_falls_back(daemon: Daemon) -> None:
-    if daemon.passthrough:
-        pytest.skip("pyfuse3 engine only: the passthrough engine implements FALLOCATE")
+    if daemon.own_engine:
+        pytest.skip("pyfuse3 engine only: the own engine implements FALLOCATE")
     src = daemon.add_bind_export("gold", {"disk": b"\x33" * (2 * MiB)})
     daemon.start()
     vol = daemon.volume("gold", "disk")
@@ -198,8 +198,8 @@ def test_fallocate_is_eopnotsupp_and_qemu_falls_back(daemon: Daemon) -> None:
 def test_fallocate_lseek_and_statfs_per_export(daemon: Daemon) -> None:
     """What pyfuse3 cannot do: FALLOCATE (punch-hole for qemu discard, preallocation), LSEEK
     (SEEK_DATA/SEEK_HOLE) and STATFS answered by the export the path is in."""
-    if not daemon.passthrough:
-        pytest.skip("passthrough engine only: pyfuse3 has no fallocate/lseek, statfs has no inode")
+    if not daemon.own_engine:
+        pytest.skip("own engine only: pyfuse3 has no fallocate/lseek, statfs has no inode")
     src = daemon.add_ext4_export("img", {"disk": b"\x33" * (4 * MiB)})
     daemon.add_bind_export("gold", {"other": b"x"})
     daemon.start()
@@ -273,10 +273,6 @@ def test_statfs_sums_mounted_exports(daemon: Daemon) -> None:
         backing = os.statvfs(daemon.target("img"))
         assert busy.f_blocks * busy.f_frsize == backing.f_blocks * backing.f_frsize
         assert busy.f_namemax == 255
-
-
-def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv, check=False)
 
 
 def test_other_users_get_access_by_file_mode(daemon: Daemon) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fusemux.config import share_export_name
-from tests.mount.harness import Daemon, mounted_at, run, stays, wait_for
+from tests.mount.harness import Daemon, loops_backed_by, mounted_at, run, stays, wait_for
 
 VOL = b"volume-data\n" * 100
 
@@ -106,12 +106,7 @@ def test_two_exports_independent(daemon: Daemon) -> None:
 
 
 def loops_backing(image: Path) -> list[str]:
-    found = []
-    for dev in Path("/sys/block").glob("loop*"):
-        backing = dev / "loop" / "backing_file"
-        if backing.exists() and backing.read_text().strip() == str(image):
-            found.append(dev.name)
-    return found
+    return loops_backed_by(lambda backing: backing == str(image))
 
 
 def test_ext4_image_export_mounts_with_loop_and_releases_it(daemon: Daemon) -> None:

@@ -26,7 +26,7 @@ import pytest
 from fusemux.core import nbd
 from fusemux.core.mounter import MNT_DETACH, umount2
 from tests.conftest import PUBLIC_DIR
-from tests.mount.harness import Daemon, mounted_at, run, wait_for
+from tests.mount.harness import Daemon, as_nobody, loops_backed_by, mounted_at, run, wait_for
 
 P = "user.fusemux."
 MIB = 1 << 20
@@ -39,13 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 def loops_under(base: Path) -> list[str]:
     """Loop devices whose backing file lies under *base*."""
-    found = []
-    for dev in Path("/sys/block").glob("loop*"):
-        with contextlib.suppress(OSError):
-            backing = (dev / "loop" / "backing_file").read_text().strip()
-            if backing.startswith(str(base) + "/"):
-                found.append(f"/dev/{dev.name}")
-    return sorted(found)
+    return loops_backed_by(lambda backing: backing.startswith(str(base) + "/"))
 
 
 def alive(pid: int) -> bool:
@@ -337,8 +331,8 @@ def test_nbd_mapping_attaches_a_kernel_device(mapped: Daemon, tmp_path: Path) ->
 # -- bad input and rights -----------------------------------------------------------------
 
 
-def as_nobody(*argv: str | Path) -> tuple[int, str]:
-    r = run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv, check=False)
+def nobody_runs(*argv: str | Path) -> tuple[int, str]:
+    r = as_nobody(*argv)
     return r.returncode, r.stderr
 
 
@@ -363,10 +357,10 @@ def test_bad_requests_and_rights(mapped: Daemon) -> None:
         assert set_errno(vol, "unmap", b"") == errno.ENXIO  # nothing mapped
         assert "refused: unknown mapping kind 'tape'" in d.log()
 
-        rc, err = as_nobody("setfattr", "-n", P + "map", "-v", "loop", vol)
+        rc, err = nobody_runs("setfattr", "-n", P + "map", "-v", "loop", vol)
         assert rc != 0 and "Operation not permitted" in err
         # Without write permission the kernel refuses first (default_permissions): EACCES.
-        rc, err = as_nobody(
+        rc, err = nobody_runs(
             "setfattr", "-n", P + "map", "-v", "loop", d.volume("gold", "closed.raw")
         )
         assert rc != 0 and "Permission denied" in err
@@ -375,7 +369,7 @@ def test_bad_requests_and_rights(mapped: Daemon) -> None:
         os.setxattr(vol, P + "map", b"loop")
         assert set_errno(vol, "map", b"loop") == errno.EBUSY
         assert set_errno(vol, "map", b"nbd") == errno.EBUSY
-        rc, err = as_nobody("setfattr", "-n", P + "unmap", "-v", "", vol)
+        rc, err = nobody_runs("setfattr", "-n", P + "unmap", "-v", "", vol)
         assert rc != 0 and "Operation not permitted" in err
         assert getx(vol, "mapping").startswith("/dev/loop")
         cli = run(sys.executable, "-m", "fusemux", "map", vol, check=False)

@@ -62,6 +62,13 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert cfg.engine == "auto"
 
 
+@pytest.mark.parametrize("value", ["auto", "off"])
+def test_kernel_passthrough_values(tmp_path: Path, value: str) -> None:
+    cfg = load_config(write(tmp_path / "f.toml", f'kernel_passthrough = "{value}"\n'))
+    assert cfg.kernel_passthrough == value
+    assert load_config(write(tmp_path / "g.toml", "")).kernel_passthrough == "auto"
+
+
 @pytest.mark.parametrize("engine", ["auto", "pyfuse3", "passthrough"])
 def test_engine_values(tmp_path: Path, engine: str) -> None:
     assert load_config(write(tmp_path / "f.toml", f'engine = "{engine}"\n')).engine == engine
@@ -169,6 +176,8 @@ def test_unknown_export_key(tmp_path: Path) -> None:
         ("exports = 3\n", 1, "exports must be a table of [exports.NAME] tables"),
         ('\nengine = "fuse"\n', 2, "engine must be one of 'auto', 'pyfuse3', 'passthrough'"),
         ("engine = 1\n", 1, "engine must be one of"),
+        ('kernel_passthrough = "on"\n', 1, "kernel_passthrough must be one of 'auto', 'off'"),
+        ("kernel_passthrough = false\n", 1, "kernel_passthrough must be one of"),
     ],
 )
 def test_bad_top_level_values(tmp_path: Path, text: str, line: int, reason: str) -> None:

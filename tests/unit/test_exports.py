@@ -417,6 +417,8 @@ async def test_cancelled_mount_leaves_no_holder(
         await until(lambda: fake.mount_count() == 1)
         await trio.sleep(3)
         scope.cancel()
+    # The last waiter gave up: the mount attempt (a task of its own) is cancelled now.
+    await trio.testing.wait_all_tasks_blocked()
     assert trio.current_time() == pytest.approx(3)
     export = manager.get("alpha")
     assert export.holders == 0 and state_of(export) is State.UNMOUNTED
@@ -424,6 +426,36 @@ async def test_cancelled_mount_leaves_no_holder(
     fake.mount_delay = 0
     await manager.acquire("alpha")
     assert export.mounted and fake.mount_count() == 2
+
+
+async def test_a_cancelled_waiter_does_not_abort_the_mount_for_another(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, autojump_clock: object
+) -> None:
+    """Issue 11: the first caller (the one that started the mount) is cancelled while a
+    second waits for the same mount: the mount goes on, once, and the second gets it."""
+    manager, fake, _ = setup(tmp_path, nursery, monkeypatch)
+    fake.mount_delay = 5.0
+    first = trio.CancelScope()
+    got: list[Export] = []
+
+    async def interrupted() -> None:
+        with first:
+            await manager.acquire("alpha")
+
+    async def waiting() -> None:
+        got.append(await manager.acquire("alpha"))
+
+    async with trio.open_nursery() as tasks:
+        tasks.start_soon(interrupted)
+        await until(lambda: fake.mount_count() == 1)
+        tasks.start_soon(waiting)
+        await trio.sleep(1)
+        first.cancel()
+    export = manager.get("alpha")
+    assert got == [export] and export.mounted
+    assert fake.mount_count() == 1 and export.mount_count == 1
+    assert export.holders == 1 and export.last_error == ""
+    assert trio.current_time() == pytest.approx(5)
 
 
 async def test_cancelled_waiter_on_a_mounted_export_starts_the_linger(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fusemux.core.fs import Attr, DirEntry
+from fusemux.core.api import Attr, DirEntry
 from fusemux.engines import fuse_abi as abi
 from fusemux.engines import passthrough as pt
 from fusemux.errors import FusemuxError
@@ -21,8 +21,8 @@ from fusemux.errors import FusemuxError
 class _FakeCore:
     """Only what Session.__init__ touches."""
 
-    engine_name = ""
-    engine_stats: Any = None
+    def attach(self, engine: Any) -> None:
+        self.engine = engine
 
 
 def session() -> pt.Session:
@@ -83,7 +83,7 @@ def test_forget_accounting_balances_and_fails_loudly_below_zero(
         s._forget_one(42, 1)  # never looked up again: the kernel and the engine disagree
     assert s.stats["forget_errors"] == 1
     assert any("FORGET accounting" in r.getMessage() for r in caplog.records)
-    assert json.loads(s.stats_json())["requests"]["forget_errors"] == 1
+    assert json.loads(s.statistics().as_json())["requests"]["forget_errors"] == 1
 
 
 def test_xattr_size_protocol() -> None:

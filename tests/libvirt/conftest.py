@@ -1,9 +1,11 @@
 """libvirt tier fixtures: tier (c)'s fusemux daemon plus private libvirt hosts.
 
-The ``daemon`` and ``engine`` fixtures are tier (c)'s own (``tests/mount/conftest.py``): the
-real daemon as a subprocess, stopped and checked (exit 0, no mounts left, no unexpected log
-lines) after each test. ``libvirt_host`` starts a private libvirt host (``harness.Libvirt``)
-after the test has started its fusemux mounts; each one is stopped and checked in teardown.
+The ``daemon`` fixture is tier (c)'s own (``tests/mount/conftest.py``): the real daemon as a
+subprocess, stopped and checked (exit 0, no mounts left, no unexpected log lines) after each
+test; ``engine`` picks the engines for this tier (``LIBVIRT_ENGINES``). ``libvirt_host``
+starts a private libvirt host (``harness.Libvirt``) after the test has started its fusemux
+mounts; each one is stopped and checked in teardown. ``daemon2`` is a second fusemux daemon
+("another host"), checked like the first.
 
 Run by ``make test-libvirt`` (root, Debian's libvirt from ``scripts/setup-libvirt.sh``);
 skipped without root or without libvirtd.
@@ -22,7 +24,7 @@ import pytest
 
 from tests.conftest import PUBLIC_DIR
 from tests.libvirt.harness import Libvirt
-from tests.mount.conftest import daemon, engine  # noqa: F401  (tier (c)'s fixtures)
+from tests.mount.conftest import daemon  # noqa: F401  (tier (c)'s fixture)
 from tests.mount.harness import Daemon
 
 if os.geteuid() != 0:
@@ -35,6 +37,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/libvirt/" in str(item.fspath):
             item.add_marker(pytest.mark.libvirt)
+
+
+# The engines a libvirt test runs on (tier (c)'s ``engine`` modes): pyfuse3, which ``auto``
+# picks on kernels without FUSE passthrough (Debian 12's 6.1), and the own engine with kernel
+# passthrough. Tier (c) also runs the own engine without passthrough ("fallback"); here that
+# would add minutes for a path libvirt does not reach differently.
+LIBVIRT_ENGINES = ("pyfuse3", "passthrough")
+
+
+@pytest.fixture(params=LIBVIRT_ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def public_mountpoint(d: Daemon) -> None:
@@ -73,7 +87,7 @@ def libvirt_host(tmp_path: Path, libvirt_cache: Path) -> Iterator[Callable[..., 
 
 
 @pytest.fixture
-def daemon2(tmp_path: Path, engine: str) -> Iterator[Daemon]:  # noqa: F811
+def daemon2(tmp_path: Path, engine: str) -> Iterator[Daemon]:
     """A second fusemux daemon ("another host"), checked like tier (c)'s ``daemon``."""
     d = Daemon(tmp_path / "host2", engine=engine)
     try:

@@ -56,7 +56,7 @@ def check_running_then_destroy(
     unmounts after its linger and the domain log shows no error.
 
     libvirt restores the owner (root) of each disk's top image only: libvirt 9.0 never
-    restores images lower in a chain, on any filesystem (measured on local ext4 too), so
+    restores images lower in a chain, on any filesystem (measured by hand on local ext4), so
     those stay libvirt-qemu's and are not checked.
     """
     qemu = host.qemu_pid(name)
@@ -78,14 +78,19 @@ def check_running_then_destroy(
 
 
 def test_start_destroy_raw(daemon: Daemon, libvirt_host: Callable[..., Libvirt]) -> None:
+    """Two raw volumes; the second is owned by uid 1234 before the start. fusemux stores no
+    xattrs (EOPNOTSUPP for ``trusted.libvirt.security.*``), so ``remember_owner`` cannot
+    work and libvirt gives every volume back to root:root, the 1234-owned one as well."""
     src = serve(daemon)
-    raw = src / "disk.raw"
+    raw, other = src / "disk.raw", src / "other.raw"
     qemu_img("create", "-f", "raw", raw, "16M")
+    qemu_img("create", "-f", "raw", other, "16M")
+    os.chown(other, 1234, 1234)
     host = libvirt_host()
-    vol = daemon.volume("e1", "disk.raw")
-    host.create("raw1", [Disk(vol, "raw")])
+    vol, vol2 = daemon.volume("e1", "disk.raw"), daemon.volume("e1", "other.raw")
+    host.create("raw1", [Disk(vol, "raw"), Disk(vol2, "raw", "vdb")])
     host.wait_running("raw1")
-    check_running_then_destroy(daemon, host, "raw1", [vol], [raw])
+    check_running_then_destroy(daemon, host, "raw1", [vol, vol2], [raw, other])
 
 
 def test_start_destroy_qcow2_chain(daemon: Daemon, libvirt_host: Callable[..., Libvirt]) -> None:

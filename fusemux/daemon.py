@@ -257,7 +257,7 @@ async def _watch_signals(
 
 async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Options) -> None:
     from fusemux import engines
-    from fusemux.engines.passthrough import EngineError
+    from fusemux.engines.kernel import EngineError
 
     fs = FileSystem(config, mounter)
     # Both block for a moment (a probe mount, then the kernel's INIT): nothing else runs yet.

@@ -2,7 +2,7 @@
 
 This module owns the behaviour of lookups, attributes, opens, I/O, flush/fsync, release and
 directory listings. An engine (:mod:`fusemux.engines.pyfuse3` or the own ``/dev/fuse``
-engine, :mod:`fusemux.engines.passthrough`) converts a kernel request into one call here,
+engine, :mod:`fusemux.engines.kernel`) converts a kernel request into one call here,
 with the types of :mod:`fusemux.core.api`, and converts the result or the
 :class:`~fusemux.errors.FusemuxError`/``OSError`` back (:func:`fusemux.errors.reply_errno`).
 Nothing here imports a FUSE binding. The admin xattrs are answered by

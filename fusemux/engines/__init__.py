@@ -44,9 +44,9 @@ def select(wanted: str, workdir: Path) -> tuple[str, str]:
     """
     if wanted == "pyfuse3":
         return "pyfuse3", "configured"
-    from fusemux.engines import passthrough
+    from fusemux.engines import kernel
 
-    ok, why = passthrough.probe(workdir)
+    ok, why = kernel.probe(workdir)
     if wanted == "passthrough":
         return "passthrough", "configured" + ("" if ok else f"; without passthrough: {why}")
     if ok:
@@ -60,9 +60,9 @@ def create(
     """The engine *name* serving *fs* at *mountpoint*. *kernel_passthrough* False makes the
     own engine serve every read and write itself (config ``kernel_passthrough = "off"``)."""
     if name == "passthrough":
-        from fusemux.engines import passthrough
+        from fusemux.engines import kernel
 
-        return passthrough.Session(fs, mountpoint, passthrough=kernel_passthrough, debug=debug)
+        return kernel.Session(fs, mountpoint, passthrough=kernel_passthrough, debug=debug)
     from fusemux.engines import pyfuse3
 
     return pyfuse3.Pyfuse3Engine(fs, mountpoint, debug)

@@ -288,7 +288,7 @@ def test_restart_clears_a_probe_mount_left_by_a_killed_daemon(daemon: Daemon) ->
     FUSE mount under state_dir: the next start detaches it (never stat()ing it)."""
     only(daemon, "passthrough")
     from fusemux.core.mounter import MNT_DETACH, umount2
-    from fusemux.engines.passthrough import kernel_mount
+    from fusemux.engines.kernel import kernel_mount
 
     daemon.add_bind_export("gold", {"a": b"x"})
     daemon.write_config(engine="auto")

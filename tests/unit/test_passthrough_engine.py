@@ -1,5 +1,5 @@
-"""Tier (a): the passthrough engine's protocol pieces without a kernel: layouts, lookup
-counting, xattr sizing, directory entries, INIT flag choice."""
+"""Tier (a): the own engine's protocol pieces (fusemux/engines/kernel/) without a kernel:
+layouts, lookup counting, xattr sizing, directory entries, INIT flag choice."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from fusemux.core.api import Attr, DirEntry
 from fusemux.engines import fuse_abi as abi
-from fusemux.engines import passthrough as pt
+from fusemux.engines.kernel import device, wire
+from fusemux.engines.kernel import session as pt
 from fusemux.errors import FusemuxError
 
 
@@ -40,14 +41,14 @@ def test_layouts_match_the_kernel_sizes() -> None:
     assert abi.IN_HEADER.size == 40
     assert abi.INIT_OUT.size == 64
     assert abi.SETATTR_IN.size == 88
-    assert len(pt._entry(attr(5))) == 128  # fuse_entry_out
-    assert len(pt._attr_out(attr(5))) == 104  # fuse_attr_out
+    assert len(wire.entry(attr(5))) == 128  # fuse_entry_out
+    assert len(wire.attr_out(attr(5))) == 104  # fuse_attr_out
     assert abi.DEV_IOC_BACKING_OPEN == 0x4010E501
     assert abi.DEV_IOC_BACKING_CLOSE == 0x4004E502
 
 
 def test_entry_encodes_times_and_timeouts() -> None:
-    raw = pt._entry(attr(7))
+    raw = wire.entry(attr(7))
     nodeid, gen, ev, av, evn, avn = abi.ENTRY_OUT_HEAD.unpack_from(raw)
     assert (nodeid, gen, ev, av, evn, avn) == (7, 0, 1, 1, 500_000_000, 500_000_000)
     fields = abi.ATTR.unpack_from(raw, abi.ENTRY_OUT_HEAD.size)
@@ -58,12 +59,12 @@ def test_entry_encodes_times_and_timeouts() -> None:
 
 def test_dirent_is_padded_to_8_bytes_and_carries_the_type() -> None:
     e = DirEntry(name="vol-1", attr=attr(9), next_offset=3)
-    raw = pt._dirent(e, plus=False)
+    raw = wire.dirent(e, plus=False)
     assert len(raw) % 8 == 0
     ino, off, namelen, typ = abi.DIRENT_HEAD.unpack_from(raw)
     assert (ino, off, namelen, typ) == (9, 3, 5, stat.S_IFREG >> 12)
     assert raw[24:29] == b"vol-1"
-    plus = pt._dirent(e, plus=True)
+    plus = wire.dirent(e, plus=True)
     assert len(plus) == 128 + len(raw)
 
 
@@ -72,7 +73,7 @@ def test_forget_accounting_balances_and_fails_loudly_below_zero(
 ) -> None:
     s = session()
     for _ in range(3):
-        s._looked_up(42)
+        s.looked_up(42)
     s._forget_one(42, 2)
     assert s.lookups == {42: 1}
     body = abi.BATCH_FORGET_IN.pack(1, 0) + abi.FORGET_ONE.pack(42, 1)
@@ -87,10 +88,10 @@ def test_forget_accounting_balances_and_fails_loudly_below_zero(
 
 
 def test_xattr_size_protocol() -> None:
-    assert pt.Session._sized(b"abc", 0) == abi.GETXATTR_OUT.pack(3, 0)
-    assert pt.Session._sized(b"abc", 3) == b"abc"
+    assert wire.sized(b"abc", 0) == abi.GETXATTR_OUT.pack(3, 0)
+    assert wire.sized(b"abc", 3) == b"abc"
     with pytest.raises(FusemuxError) as e:
-        pt.Session._sized(b"abcd", 3)
+        wire.sized(b"abcd", 3)
     assert e.value.errno == errno.ERANGE
 
 
@@ -118,19 +119,19 @@ def test_init_reply_declares_only_what_the_kernel_offers(monkeypatch: pytest.Mon
         sent.extend(parts)
         return True
 
-    monkeypatch.setattr(s, "_write_reply", capture)
+    monkeypatch.setattr(s, "write_reply", capture)
     offered = abi.ASYNC_READ | abi.INIT_EXT | abi.HANDLE_KILLPRIV_V2 | abi.PASSTHROUGH
     offered |= 1 << 20  # POSIX_ACL: offered, not implemented, so not declared
     s._init_reply(1, 7, 45, offered)
     out = abi.INIT_OUT.unpack(sent[0])
     flags = out[3] | out[10] << 32
     assert flags == abi.ASYNC_READ | abi.INIT_EXT | abi.HANDLE_KILLPRIV_V2 | abi.PASSTHROUGH
-    assert out[6] == pt.MAX_WRITE and out[8] == pt.MAX_PAGES
+    assert out[6] == device.MAX_WRITE and out[8] == device.MAX_PAGES
     assert out[11] == abi.MAX_STACK_DEPTH and s.passthrough
     # An older kernel (no passthrough offered): no passthrough, no stack depth.
     s2 = session()
     sent.clear()
-    monkeypatch.setattr(s2, "_write_reply", capture)
+    monkeypatch.setattr(s2, "write_reply", capture)
     s2._init_reply(1, 7, 38, abi.ASYNC_READ | abi.INIT_EXT)
     out = abi.INIT_OUT.unpack(sent[0])
     assert not s2.passthrough and out[11] == 0
@@ -146,11 +147,13 @@ def test_engine_selection(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Non
         calls.append(workdir)
         return ok, "probe says so"
 
-    monkeypatch.setattr(pt, "probe", probe)
+    from fusemux.engines import kernel
+
+    monkeypatch.setattr(kernel, "probe", probe)
     assert engines.select("pyfuse3", tmp_path) == ("pyfuse3", "configured")
     assert calls == []  # no probe mount when pyfuse3 is configured
     assert engines.select("auto", tmp_path) == ("passthrough", "auto: probe says so")
-    monkeypatch.setattr(pt, "probe", lambda w: (False, "no passthrough here"))
+    monkeypatch.setattr(kernel, "probe", lambda w: (False, "no passthrough here"))
     assert engines.select("auto", tmp_path) == ("pyfuse3", "auto: no passthrough here")
     name, why = engines.select("passthrough", tmp_path)
     assert name == "passthrough" and "without passthrough: no passthrough here" in why

@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-done
 BENCH_OUT ?= docs/bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test test-unit test-nfs lint bench clean
+.PHONY: help setup demo test test-unit test-nfs test-libvirt lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ test-nfs: setup ## the NFS tier: fusemux in a qemu guest with kernel NFS, vs nfs
 	unshare --mount --propagation private $(PY) -m tests.nfs.image
 	FUSEMUX_NFS_ENGINE=pyfuse3 bash scripts/nfs-sandbox.sh $(VENV)/bin/pytest -p no:cacheprovider tests/nfs
 	FUSEMUX_NFS_ENGINE=passthrough bash scripts/nfs-sandbox.sh $(VENV)/bin/pytest -p no:cacheprovider tests/nfs
+
+test-libvirt: setup ## the libvirt tier: real libvirtd/virtlockd and TCG qemu on fusemux volumes
+	bash scripts/setup-libvirt.sh
+	$(VENV)/bin/pytest -p no:cacheprovider tests/libvirt
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check fusemux tests

@@ -162,6 +162,7 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
             for vol, d in detail["open"].items()
         ]
         info["mappings"] = [{"name": vol, **d} for vol, d in detail["mappings"].items()]
+        info["locks"] = int(detail.get("locks", 0))  # held through fusemux on its volumes
         status["exports"].append(info)
     return status
 

@@ -42,6 +42,7 @@ from fusemux.core.exports import Export, ExportManager, State
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.handles import SetAttr as SetAttr  # part of the engine-facing API
 from fusemux.core.images import ImageCache
+from fusemux.core.locks import LockManager
 from fusemux.core.mappings import MappingManager, parse_request, parse_unmap
 from fusemux.core.mounter import Mounter
 from fusemux.core.namespace import NAME_MAX, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
@@ -153,6 +154,7 @@ class FileSystem:
         self.namespace = Namespace(list(config.exports))
         self.exports.on_removed = self.namespace.remove_export
         self.handles = HandleTable()
+        self.locks = LockManager(self.handles)  # fcntl/flock locks, on the backing files
         self.images = ImageCache()
         self.mappings = MappingManager(config, self.exports, self.images)
         # Set by the engine that serves this core: its name (user.fusemux.engine) and a
@@ -410,6 +412,7 @@ class FileSystem:
         await self._io(handle.export, hio.fsync, handle, datasync, abandonable=True)
 
     async def release(self, fh: int) -> None:
+        await self.locks.release(fh)  # first: the lock fds of the handle's owners
         handle = self.handles.files.pop(fh, None)
         if handle is None:
             return
@@ -597,6 +600,7 @@ class FileSystem:
                     for name, e in sorted(opened.items())
                 },
                 "mappings": dict(sorted(mapped.items())),
+                "locks": self.locks.count(export),
             },
             sort_keys=True,
         )
@@ -660,6 +664,7 @@ class FileSystem:
             ]
             values = xattrs.render_volume(snap, node.name, openers)
             values.update(xattrs.render_mapping(self._mapping_view(node)))
+            values.update(xattrs.render_locks(self.locks.lines(ino)))
             if key in xattrs.IMAGE_KEYS:
                 # Read from the image's own header (cached against mtime and size).
                 async with self.exports.hold(node.export) as export:

@@ -30,7 +30,12 @@ kernel disagree: that is logged at ERROR and counted in ``engine_stats`` (``forg
 Interrupts: INTERRUPT cancels the named request's task if it is one of the side-effect-free
 requests (reads, lookups, stats, xattr reads, fsync); it is then answered with EINTR. The
 core abandons a read in flight as it does at ``io_timeout``, so a process killed while it
-waits on a hung export can exit.
+waits on a hung export can exit. Lock requests ask the core (:mod:`fusemux.core.locks`)
+whether an INTERRUPT may end them; a SETLKW it ends answers EINTR.
+
+Locks: INIT negotiates ``FUSE_POSIX_LOCKS`` and ``FUSE_FLOCK_LOCKS``, so fcntl and flock
+locks on volumes come here (GETLK, SETLK, SETLKW, and the lock owner of FLUSH) instead of
+staying in the kernel, for passthrough opens too; the core takes them on the backing file.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from pathlib import Path
 
 import trio
 
+from fusemux.core import locks
 from fusemux.core.fs import Attr, Ctx, DirEntry, FileSystem, SetAttr
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
 from fusemux.engines import fuse_abi as abi
@@ -325,6 +331,9 @@ class Session:
             abi.ACCESS: self._access,
             abi.FALLOCATE: self._fallocate,
             abi.LSEEK: self._lseek,
+            abi.GETLK: self._getlk,
+            abi.SETLK: self._setlk,
+            abi.SETLKW: self._setlk,
         }
         fs.engine_name = NAME
         fs.engine_stats = self.stats_json
@@ -358,6 +367,8 @@ class Session:
             | abi.MAX_PAGES
             | abi.HANDLE_KILLPRIV_V2
             | abi.INIT_EXT
+            | abi.POSIX_LOCKS  # locks reach the backing file (fusemux.core.locks)
+            | abi.FLOCK_LOCKS
         )
         if self.want_passthrough and minor >= abi.PASSTHROUGH_MINOR:
             want |= abi.PASSTHROUGH
@@ -547,7 +558,9 @@ class Session:
 
     def _interrupt(self, unique: int) -> None:
         found = self.inflight.get(unique)
-        if found is not None and found[0] in _INTERRUPTIBLE:
+        if found is not None and (
+            found[0] in _INTERRUPTIBLE or locks.interruptible(abi.OPCODE_NAMES.get(found[0], ""))
+        ):
             found[1].cancel()
 
     # -- lookup counts ---------------------------------------------------------------------
@@ -730,7 +743,8 @@ class Session:
         return b""
 
     async def _flush(self, req: Request) -> bytes:
-        fh, *_ = abi.FLUSH_IN.unpack_from(req.body)
+        fh, _unused, _pad, lock_owner = abi.FLUSH_IN.unpack_from(req.body)
+        await self.fs.locks.flush(fh, lock_owner)  # a close drops the closer's POSIX locks
         await self.fs.flush(fh, written_elsewhere=fh in self.fh_backing)
         return b""
 
@@ -747,6 +761,24 @@ class Session:
     async def _lseek(self, req: Request) -> bytes:
         fh, off, whence, _ = abi.LSEEK_IN.unpack_from(req.body)
         return abi.LSEEK_OUT.pack(await self.fs.lseek(fh, off, whence))
+
+    async def _getlk(self, req: Request) -> bytes:
+        fh, owner, start, end, typ, pid, _flags, _ = abi.LK_IN.unpack_from(req.body)
+        found = await self.fs.locks.getlk(fh, owner, locks.Lock(typ, start, end, pid))
+        return abi.LK_OUT.pack(found.start, found.end, found.type, found.pid)
+
+    async def _setlk(self, req: Request) -> bytes:
+        fh, owner, start, end, typ, pid, lk_flags, _ = abi.LK_IN.unpack_from(req.body)
+        # flock arrives as a whole-file lock with LK_FLOCK; its owner is the open file, as
+        # for OFD locks. RELEASE needs no flag handling: closing the owner's fd drops both.
+        await self.fs.locks.setlk(
+            fh,
+            owner,
+            locks.Lock(typ, start, end, pid),
+            wait=req.opcode == abi.SETLKW,
+            is_flock=bool(lk_flags & abi.LK_FLOCK),
+        )
+        return b""
 
     async def _access(self, req: Request) -> bytes:
         mask, _ = abi.ACCESS_IN.unpack_from(req.body)

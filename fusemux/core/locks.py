@@ -370,8 +370,8 @@ class LockManager:
     # -- introspection --------------------------------------------------------------------
 
     def lines(self, ino: int) -> list[str]:
-        """``pid:comm type start-end`` for every lock held on inode *ino*."""
-        out = []
+        """``pid:comm type start-end`` for every lock held on inode *ino*, by start offset."""
+        out: list[tuple[int, str]] = []
         for o in self.owners.values():
             if o.ino != ino:
                 continue
@@ -381,8 +381,8 @@ class LockManager:
             for start, end, typ in held:
                 name = "read" if typ == READ else "write"
                 stop = "max" if end >= OFFSET_MAX else str(end)
-                out.append(f"{o.pid}:{o.comm} {name} {start}-{stop}")
-        return sorted(out)
+                out.append((start, f"{o.pid}:{o.comm} {name} {start}-{stop}"))
+        return [line for _, line in sorted(out)]
 
     def count(self, export: str) -> int:
         return sum(o.count() for o in self.owners.values() if o.export.name == export)

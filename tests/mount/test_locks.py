@@ -375,5 +375,5 @@ def test_qemu_vm_locks_its_disk_against_other_hosts(
             vm.wait()
     # After the VM exits (its RELEASE follows a moment later), both may open the disk.
     wait_for(lambda: qemu_io_rw(vol_b).returncode == 0, 10, "qemu-io through mount B")
-    assert qemu_io_rw(src / "disk").returncode == 0
+    wait_for(lambda: qemu_io_rw(src / "disk").returncode == 0, 10, "qemu-io on the backing file")
     assert a.xattr(vol_a, "locks") == ""

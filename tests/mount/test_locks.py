@@ -272,6 +272,12 @@ def test_setlkw_waits_then_gets_the_lock_or_ends_with_eintr(
         w.send_signal(signal.SIGUSR1)
         assert w.stdout is not None
         assert w.stdout.readline().split() == ["rc", "-1", str(errno.EINTR)]
+        # A waiter killed while it waits: the kernel interrupts the request, the daemon ends
+        # the wait, and the process can exit.
+        w3 = waiter(vol_b)
+        assert stays(lambda: w3.poll() is None, 0.5)
+        w3.kill()
+        w3.wait(10)
         # Another waiter, through A itself this time: granted once the holder is gone.
         w2 = waiter(vol_a)
         assert stays(lambda: w2.poll() is None, 1.0)

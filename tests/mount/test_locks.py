@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -221,6 +222,11 @@ def test_posix_lock_semantics_across_mounts(two_hosts: tuple[Daemon, Daemon, Pat
         assert try_ofd(src / "disk", start=20, length=1) == errno.EAGAIN
         assert try_ofd(src / "disk", start=21, length=1) == 0
         assert a.xattr(vol_a, "locks") == f"{holder.proc.pid}:{comm(holder.proc.pid)} write 10-20\n"
+        # Another process opening and closing the volume through the same mount (its FLUSH
+        # names another owner) leaves the holder's lock alone.
+        for _ in range(3):
+            os.close(os.open(vol_a, os.O_RDONLY))
+        assert try_ofd(vol_b, start=15, length=1) == errno.EAGAIN
         # POSIX: closing any fd of the file drops the process's locks on it, at once.
         assert holder.say("close-other") == "closed"
         assert try_ofd(vol_b, start=15, length=1) == 0
@@ -383,3 +389,15 @@ def test_qemu_vm_locks_its_disk_against_other_hosts(
     wait_for(lambda: qemu_io_rw(vol_b).returncode == 0, 10, "qemu-io through mount B")
     wait_for(lambda: qemu_io_rw(src / "disk").returncode == 0, 10, "qemu-io on the backing file")
     assert a.xattr(vol_a, "locks") == ""
+
+
+def test_pyfuse3_warns_once_that_locks_stay_local_on_nfs(daemon: Daemon) -> None:
+    """The NFS export is never opened here (nothing mounts it): only the start-up check."""
+    daemon.add_bind_export("gold")
+    daemon.exports["far"] = {"source": "192.0.2.1:/far", "fstype": "nfs4", "options": "hard"}
+    warning = r"pyfuse3 engine keeps fcntl/flock locks inside this mount.*far"
+    daemon.allowed_warnings = [warning]
+    daemon.start()
+    lines = [ln for ln in daemon.log().splitlines() if re.search(warning, ln)]
+    assert len(lines) == (0 if daemon.passthrough else 1), lines
+    assert all(" WARNING " in ln for ln in lines)

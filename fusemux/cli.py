@@ -193,6 +193,9 @@ def _print_status(status: dict[str, Any]) -> None:
             openers = ", ".join(v["openers"]) or "-"
             print(f"open: {e['name']}/{v['name']} x{v['open_count']} by {openers}")
     for e in status["exports"]:
+        if e.get("locks"):
+            print(f"locks: {e['name']} {e['locks']} held through fusemux")
+    for e in status["exports"]:
         for m in e.get("mappings", []):
             pid = f" (qemu-nbd pid {m['pid']})" if m["pid"] else ""
             devices = " ".join(m["mapping"]) or "-"

@@ -196,6 +196,8 @@ def test_ofd_lock_through_one_mount_holds_on_the_other_and_the_backing_file(
         assert b.xattr(vol_b, "locks") == ""
         status = json.loads(run(sys.executable, "-m", "fusemux", "status", a.mnt, "--json").stdout)
         assert [e["locks"] for e in status["exports"] if e["name"] == "gold"] == [1]
+        text = run(sys.executable, "-m", "fusemux", "status", a.mnt).stdout
+        assert "locks: gold 1 held through fusemux" in text
     finally:
         holder.close()
     # The holder's RELEASE comes after its exit: the lock goes with it.

@@ -74,7 +74,15 @@ def test_init_negotiation_as_the_kernel_took_it(daemon: Daemon) -> None:
     st = stats(daemon)
     major, minor = (int(x) for x in st["protocol"].split("."))
     assert (major, minor) >= (7, 40)
-    for flag in ("PASSTHROUGH", "HANDLE_KILLPRIV_V2", "INIT_EXT", "MAX_PAGES", "DO_READDIRPLUS"):
+    for flag in (
+        "PASSTHROUGH",
+        "HANDLE_KILLPRIV_V2",
+        "INIT_EXT",
+        "MAX_PAGES",
+        "DO_READDIRPLUS",
+        "POSIX_LOCKS",
+        "FLOCK_LOCKS",
+    ):
         assert flag in st["flags"], st
     assert st["passthrough"] is True
     assert st["max_write"] == MiB and st["max_stack_depth"] == 2

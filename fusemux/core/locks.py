@@ -77,10 +77,13 @@ KICK_INTERVAL: Final = 0.05
 # Without the signal handler (trio not in the main thread): how often a wait polls.
 POLL_INTERVAL: Final = 0.1
 
-# Which lock requests an INTERRUPT may end. GETLK changes nothing; SETLKW ends with EINTR
-# (through the kick, keeping its real outcome). A non-blocking SETLK is never cancelled:
-# it does not wait for other owners, and cancelling it could leave its outcome unknown.
-INTERRUPTIBLE: Final = frozenset({"GETLK", "SETLKW"})
+# Which lock requests an INTERRUPT may end: only SETLKW, which ends with EINTR (through the
+# kick, keeping its real outcome), as a blocking fcntl does natively on any signal (the
+# kernel restarts it for SA_RESTART handlers). GETLK and SETLK never wait for other owners
+# and natively never fail with EINTR: the kernel sends an INTERRUPT for any signal the
+# caller gets meanwhile (qemu gets some), and answering EINTR there made qemu fail with
+# 'Failed to get "consistent read" lock: Interrupted system call'. They are not cancelled.
+INTERRUPTIBLE: Final = frozenset({"SETLKW"})
 # Errnos of a lock call that are the answer itself (a conflict, a bad range, a backing
 # filesystem without locks): passed to the caller unchanged, logged at DEBUG only.
 ANSWERS: Final = frozenset(

@@ -11,6 +11,7 @@ The pyfuse3 engine has no lock handlers: there the kernel keeps locks inside the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -20,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -345,6 +347,54 @@ def test_bad_lock_requests_get_the_kernels_errnos(two_hosts: tuple[Daemon, Daemo
     # The daemon goes on serving.
     assert (b.volume("gold", "disk")).read_bytes()[:4] == b"\0" * 4
     wait_for(lambda: a.xattr(vol_a, "locks") == "", 10, "locks to go at close")
+
+
+# Non-blocking lock calls through ctypes (no EINTR retry) while signals keep arriving.
+SIGNALLED = r"""
+import ctypes, os, signal, struct, sys
+signal.signal(signal.SIGUSR1, lambda *a: None)
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("ready", flush=True)
+errs = {}
+for i in range(int(sys.argv[2])):
+    for cmd, typ in ((36, 1), (37, 1), (37, 2)):
+        buf = ctypes.create_string_buffer(struct.pack("hhqqi4x", typ, 0, i, 1, 0), 32)
+        if libc.fcntl(fd, cmd, buf) != 0:
+            e = ctypes.get_errno()
+            errs[e] = errs.get(e, 0) + 1
+print("errors", sorted(errs.items()), flush=True)
+"""
+
+
+def test_signals_never_turn_getlk_or_setlk_into_eintr(
+    two_hosts: tuple[Daemon, Daemon, Path],
+) -> None:
+    """The kernel sends an INTERRUPT for any signal a caller gets during a request; a lock
+    call that does not wait must still answer as natively (qemu failed on EINTR here)."""
+    a, _b, _src = two_hosts
+    needs_lock_engine(a)
+    p = subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED, str(a.volume("gold", "disk")), "1500"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        sent = 0
+        while p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGUSR1)
+                sent += 1
+            time.sleep(0.0005)
+        assert p.stdout.readline().strip() == "errors []"
+        assert sent > 100
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def qemu_vm(disk: Path, log: Path) -> subprocess.Popen[bytes]:

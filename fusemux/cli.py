@@ -162,6 +162,7 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
             for vol, d in detail["open"].items()
         ]
         info["mappings"] = [{"name": vol, **d} for vol, d in detail["mappings"].items()]
+        info["locks"] = int(detail.get("locks", 0))  # held through fusemux on its volumes
         status["exports"].append(info)
     return status
 
@@ -191,6 +192,9 @@ def _print_status(status: dict[str, Any]) -> None:
         for v in e["open_volumes"]:
             openers = ", ".join(v["openers"]) or "-"
             print(f"open: {e['name']}/{v['name']} x{v['open_count']} by {openers}")
+    for e in status["exports"]:
+        if e.get("locks"):
+            print(f"locks: {e['name']} {e['locks']} held through fusemux")
     for e in status["exports"]:
         for m in e.get("mappings", []):
             pid = f" (qemu-nbd pid {m['pid']})" if m["pid"] else ""

@@ -267,6 +267,13 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
     if name == "passthrough" and not kernel_passthrough:
         why += "; kernel_passthrough = off: every read and write is served by fusemux"
     log.info("engine: %s (%s)", name, why)
+    nfs = sorted(n for n, e in config.exports.items() if e.fstype.startswith("nfs"))
+    if name == "pyfuse3" and nfs:
+        log.warning(
+            "the pyfuse3 engine keeps fcntl/flock locks inside this mount: locks on volumes of "
+            "%s do not reach the NFS server, so other hosts do not see them (docs/reliability.md)",
+            ", ".join(nfs),
+        )
     try:
         engine.mount()
     except (EngineError, OSError) as e:

@@ -111,12 +111,29 @@ class Op(enum.StrEnum):
     OPENDIR = "opendir"
     READDIR = "readdir"
     RELEASEDIR = "releasedir"
+    GETLK = "getlk"
+    SETLK = "setlk"
+    SETLKW = "setlkw"
 
 
-# Operations a caller's interrupt may cancel: none of them changes anything, and the core
-# abandons their backing calls (as at io_timeout) instead of waiting for them. A mount they
-# started goes on for everyone else who waits for it (ExportManager): a cancelled caller
-# only stops waiting. Everything else runs to its end once it has started.
+class Interrupt(enum.Enum):
+    """What an engine does when the kernel interrupts a request (FUSE INTERRUPT)."""
+
+    NEVER = "never"  # the request runs to its end
+    IF_DYING = "if_dying"  # cancelled once its caller has a fatal signal pending
+    NOW = "now"  # cancelled at once, answered EINTR
+
+
+# The kernel sends INTERRUPT for *any* signal its caller gets while a request is in flight,
+# also one with a handler that would have restarted the system call natively (qemu and
+# qemu-io get such signals). Answering EINTR to those made qemu fail
+# ('Failed to get "consistent read" lock: Interrupted system call'), and an EINTR from a read
+# or an fsync is an I/O error to a guest: natively, reads, fsync and lseek on a regular file
+# never fail with EINTR, and NFS waits are only killable. So the side-effect-free operations
+# below are cancelled only when their caller is dying (SIGKILL pending): a killed qemu stuck
+# on a hung export can then exit (a killed process waits uninterruptibly for an answer to a
+# request it has sent), while a healthy caller's signal changes nothing. Their backing calls
+# are abandoned, as at io_timeout, and a mount they waited for goes on for the others.
 INTERRUPTIBLE: frozenset[Op] = frozenset(
     {
         Op.LOOKUP,
@@ -129,13 +146,46 @@ INTERRUPTIBLE: frozenset[Op] = frozenset(
         Op.ACCESS,
         Op.LSEEK,
         Op.FSYNC,
+        Op.GETLK,
     }
 )
+# A blocking lock wait ends with EINTR on any signal, as fcntl(F_SETLKW) does natively
+# (fusemux.core.locks wakes the waiting thread and keeps the call's real outcome).
+INTERRUPT_AT_ONCE: frozenset[Op] = frozenset({Op.SETLKW})
+
+
+def interrupt_policy(op: Op | None) -> Interrupt:
+    """The core's answer to "the kernel interrupted a request for *op*: may I cancel it?"."""
+    if op in INTERRUPT_AT_ONCE:
+        return Interrupt.NOW
+    if op in INTERRUPTIBLE:
+        return Interrupt.IF_DYING
+    return Interrupt.NEVER
 
 
 def may_interrupt(op: Op | None) -> bool:
-    """Whether an engine may cancel a request for *op* when the kernel interrupts it."""
-    return op in INTERRUPTIBLE
+    """Whether a request for *op* may be cancelled at all when the kernel interrupts it."""
+    return interrupt_policy(op) is not Interrupt.NEVER
+
+
+_SIGKILL_BIT = 1 << (9 - 1)
+
+
+def caller_dying(tid: int) -> bool:
+    """Whether thread *tid* (a FUSE request's pid) has SIGKILL pending or is gone.
+
+    Read from ``/proc/<tid>/status`` (``SigPnd``, ``ShdPnd``): procfs answers from memory,
+    so this never blocks on a backing filesystem.
+    """
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return True  # gone: nobody waits for the answer any more
+    for line in text.splitlines():
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

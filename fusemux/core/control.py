@@ -26,6 +26,7 @@ from fusemux.core.capacity import Capacity
 from fusemux.core.exports import ExportManager, State
 from fusemux.core.handles import HandleTable
 from fusemux.core.images import ImageCache
+from fusemux.core.locks import LockManager
 from fusemux.core.mappings import MappingManager, parse_request, parse_unmap
 from fusemux.core.namespace import Kind, Namespace, Node
 from fusemux.errors import (
@@ -69,6 +70,7 @@ class AdminXattrs:
         mappings: MappingManager,
         images: ImageCache,
         capacity: Capacity,
+        locks: LockManager,
     ) -> None:
         self.namespace = namespace
         self.exports = exports
@@ -76,6 +78,7 @@ class AdminXattrs:
         self.mappings = mappings
         self.images = images
         self.capacity = capacity
+        self.locks = locks
         self.engine: Engine | None = None  # set by the engine that serves the core
 
     def _status_json(self, export: str) -> str:
@@ -109,6 +112,7 @@ class AdminXattrs:
                     for name, e in sorted(opened.items())
                 },
                 "mappings": dict(sorted(mapped.items())),
+                "locks": self.locks.count(export),
             },
             sort_keys=True,
         )
@@ -167,6 +171,7 @@ class AdminXattrs:
             ]
             values = xattrs.render_volume(snap, node.name, openers)
             values.update(xattrs.render_mapping(self._mapping_view(node)))
+            values.update(xattrs.render_locks(self.locks.lines(ino)))
             if key in xattrs.IMAGE_KEYS:
                 # Read from the image's own header (cached against mtime and size).
                 async with self.exports.hold(node.export) as export:

@@ -56,6 +56,7 @@ from fusemux.core.control import AdminXattrs, xattr_refusal
 from fusemux.core.exports import Export, ExportManager
 from fusemux.core.handles import DirHandle, Handle, HandleTable
 from fusemux.core.images import ImageCache
+from fusemux.core.locks import LockManager
 from fusemux.core.mappings import MappingManager
 from fusemux.core.mounter import Mounter
 from fusemux.core.namespace import NAME_MAX, VOLUMES_DIR, VOLUMES_INO, Kind, Namespace, Node
@@ -94,11 +95,18 @@ class FileSystem:
         self.namespace = Namespace(list(config.exports))
         self.exports.on_removed = self.namespace.remove_export
         self.handles = HandleTable()
+        self.locks = LockManager(self.handles)  # fcntl/flock locks, on the backing files
         self.images = ImageCache()
         self.mappings = MappingManager(config, self.exports, self.images)
         self.capacity = Capacity(self.exports, self.namespace)
         self.admin = AdminXattrs(
-            self.namespace, self.exports, self.handles, self.mappings, self.images, self.capacity
+            self.namespace,
+            self.exports,
+            self.handles,
+            self.mappings,
+            self.images,
+            self.capacity,
+            self.locks,
         )
         # Synthetic directories carry the daemon's start time.
         self._dir_time_ns = time.time_ns()
@@ -381,7 +389,9 @@ class FileSystem:
     async def release(self, fh: int) -> None:
         """The last close of a handle: close its backing fd in the export's workers, then
         drop its holder (the last one starts the linger). Never fails; an unknown fh is
-        ignored. Engines run it shielded: it always completes."""
+        ignored. Engines run it shielded: it always completes. The handle's lock owners'
+        fds go first (that drops their OFD locks and flocks, see core/locks.py)."""
+        await self.locks.release(fh)
         handle = self.handles.files.pop(fh, None)
         if handle is None:
             return

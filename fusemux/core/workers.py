@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import queue
 import threading
@@ -64,6 +65,11 @@ def _nothing() -> None:
     pass
 
 
+def _notify(on_cancel: Callable[[], None], _: object) -> trio.lowlevel.Abort:
+    on_cancel()  # the caller is cancelled: let the call know, then wait for it all the same
+    return trio.lowlevel.Abort.FAILED
+
+
 def _abort(_: object) -> trio.lowlevel.Abort:
     # Like trio.to_thread.run_sync without abandon_on_cancel: a syscall in flight cannot be
     # abandoned, so the caller waits for it (the export's limiter stays correct).
@@ -93,6 +99,7 @@ class ExportWorkers:
         timeout: float | None = None,
         on_abandon: Callable[[], Callable[[], None]] | None = None,
         abandonable: bool = False,
+        on_cancel: Callable[[], None] | None = None,
     ) -> T:
         """Run ``fn(*args)`` in one of this export's threads and return (or raise) its result.
 
@@ -103,6 +110,9 @@ class ExportWorkers:
         *on_abandon* is called when the caller gives up; what it returns is called once the
         abandoned call has returned. *abandonable*: a cancelled caller also gives up at once
         (without it, and without *timeout*, a cancelled caller waits for the call).
+        *on_cancel* (without *timeout* and *abandonable*): called in the trio thread when the
+        caller is cancelled while it waits, so that it can make the call return early (a lock
+        wait, :mod:`fusemux.core.locks`); the caller still gets the call's own result.
         """
         borrower = object()
         try:
@@ -131,6 +141,8 @@ class ExportWorkers:
             self._submit((fn, args, deliver, trio.lowlevel.current_trio_token()))
             if timeout is None:
                 abort = give_up if abandonable else _abort
+                if on_cancel is not None and not abandonable:
+                    abort = functools.partial(_notify, on_cancel)
                 result: T = await trio.lowlevel.wait_task_rescheduled(abort)
                 return result
             with trio.move_on_after(timeout):

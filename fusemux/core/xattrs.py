@@ -52,6 +52,7 @@ VOLUME_KEYS = (
     "mapping",
     "mapping_options",
     "mapping_pid",
+    "locks",
 )
 # Present only while the export is mounted.
 MOUNTED_ONLY = frozenset({"capacity", "free"})
@@ -141,3 +142,9 @@ def render_image(info: ImageInfo) -> dict[str, str]:
         "chain": ",".join(info.chain),
         "active_image": info.active_image,
     }
+
+
+def render_locks(lines: list[str]) -> dict[str, str]:
+    """``locks``: the locks held through fusemux on a volume, ``pid:comm type start-end``
+    one per line (:mod:`fusemux.core.locks` renders the lines)."""
+    return {"locks": "".join(line + "\n" for line in lines)}

@@ -82,8 +82,10 @@ OPCODE_NAMES: Final = {
 
 # -- INIT flags (flags: bits 0-31; flags2: bits 32-63, only with FUSE_INIT_EXT) ----------------
 ASYNC_READ: Final = 1 << 0
+POSIX_LOCKS: Final = 1 << 1
 ATOMIC_O_TRUNC: Final = 1 << 3
 BIG_WRITES: Final = 1 << 5
+FLOCK_LOCKS: Final = 1 << 10
 AUTO_INVAL_DATA: Final = 1 << 12
 DO_READDIRPLUS: Final = 1 << 13
 ASYNC_DIO: Final = 1 << 15
@@ -97,6 +99,8 @@ PASSTHROUGH: Final = 1 << 37
 
 INIT_FLAG_NAMES: Final = {
     ASYNC_READ: "ASYNC_READ",
+    POSIX_LOCKS: "POSIX_LOCKS",
+    FLOCK_LOCKS: "FLOCK_LOCKS",
     ATOMIC_O_TRUNC: "ATOMIC_O_TRUNC",
     BIG_WRITES: "BIG_WRITES",
     AUTO_INVAL_DATA: "AUTO_INVAL_DATA",
@@ -129,6 +133,8 @@ OPEN_KILL_SUIDGID: Final = 1 << 0  # fuse_open_in.open_flags
 WRITE_KILL_SUIDGID: Final = 1 << 2  # fuse_write_in.write_flags
 GETATTR_FH: Final = 1 << 0
 FSYNC_FDATASYNC: Final = 1 << 0
+LK_FLOCK: Final = 1 << 0  # fuse_lk_in.lk_flags: a flock(2), not a byte-range lock
+RELEASE_FLOCK_UNLOCK: Final = 1 << 1  # fuse_release_in.release_flags
 
 # -- /dev/fuse ioctls (FUSE_DEV_IOC_MAGIC 229) -------------------------------------------------
 # _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)
@@ -178,6 +184,9 @@ LSEEK_OUT = struct.Struct("<Q")
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 BACKING_ID = struct.Struct("<I")
+# fh owner lk.start lk.end lk.type lk.pid lk_flags padding
+LK_IN = struct.Struct("<QQQQIIII")
+LK_OUT = struct.Struct("<QQII")  # lk.start lk.end lk.type lk.pid
 
 _SIZES = {
     IN_HEADER: 40,
@@ -196,6 +205,8 @@ _SIZES = {
     LSEEK_IN: 24,
     DIRENT_HEAD: 24,
     BACKING_MAP: 16,
+    LK_IN: 48,
+    LK_OUT: 24,
 }
 for _layout, _size in _SIZES.items():
     assert _layout.size == _size, (_layout.format, _layout.size, _size)

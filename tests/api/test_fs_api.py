@@ -547,6 +547,7 @@ VOLUME_KEYS = [
     "mapping",
     "mapping_options",
     "mapping_pid",
+    "locks",
 ]
 P = "user.fusemux."
 
@@ -610,7 +611,7 @@ async def test_export_xattrs_while_unmounted_never_mount(env: Env) -> None:
         "retry_in": "0",
         "removed": "0",
         "mapped_volumes": "",
-        "status_json": '{"mappings": {}, "open": {}}',
+        "status_json": '{"locks": 0, "mappings": {}, "open": {}}',
     }
     for key in ("capacity", "free"):
         assert await errno_raised(env.fs.getxattr(ino, P + key, ME)) == errno.ENODATA
@@ -666,6 +667,7 @@ async def test_volume_xattrs(env: Env) -> None:
         "mapping": "",
         "mapping_options": "",
         "mapping_pid": "",
+        "locks": "",
     }
     fhs = [(await env.fs.open(ino, os.O_RDONLY, ME)).fh for _ in range(2)]
     values = await xattrs_of(env, ino)
@@ -978,7 +980,7 @@ async def test_status_json_names_open_handles_without_touching_volumes(env: Env)
     await env.fs.release(a.fh)
     await env.fs.release(b.fh)
     raw = await env.fs.getxattr(env.ino("gold"), P + "status_json", ME)
-    assert json.loads(raw) == {"mappings": {}, "open": {}}
+    assert json.loads(raw) == {"locks": 0, "mappings": {}, "open": {}}
 
 
 async def test_a_stuck_statvfs_is_shared_and_answered_quickly(

@@ -10,9 +10,9 @@ libvirt 9.0 acquires disk leases when the guest CPUs start (``virDomainLockProce
 after qemu has opened its images paused. virtlockd then takes an fcntl lock:
 
 - with the default ``qemu-lockd.conf`` (no ``file_lockspace_dir``), on the disk path itself,
-  i.e. on the fusemux file. fusemux does not negotiate POSIX locks, so the kernel keeps the
-  lock on that host's FUSE inode and it never reaches the backing file (issue 13); qemu's own
-  image locks (OFD locks) stay on the FUSE inode the same way. Host B starts: xfail.
+  i.e. on the fusemux file. With the own engine, fusemux takes it on the backing file
+  (issue 13, ``core/locks.py``), as it does qemu's own image locks (OFD locks): host B is
+  refused. (With pyfuse3 the locks stay on each host's FUSE inode: not tested here.)
 - with ``file_lockspace_dir`` on storage both hosts share (NFS in production, a plain
   directory here), on a file named by the SHA-256 of the disk path there: both virtlockds
   lock the same inode, and B is refused. This works today because both hosts use the same
@@ -23,6 +23,9 @@ Concurrency: one test at a time; domains are started one after the other.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,10 +33,11 @@ import pytest
 
 from tests.libvirt.conftest import public_mountpoint
 from tests.libvirt.harness import Disk, Libvirt, domain_xml
-from tests.mount.harness import Daemon, run
+from tests.mount.harness import Daemon, run, wait_for
 
 LOCKD = 'lock_manager = "lockd"'
 COMMON = "/run/fusemux"  # the mountpoint path both hosts use
+F_OFD_GETLK = 36
 VOLUME = Path(COMMON) / "volumes/e1/disk.raw"
 
 
@@ -74,39 +78,57 @@ def two_hosts(
     return a, b
 
 
-class LeaseNotEnforced(AssertionError):
-    """The expected failure of the direct-lease test (issue 13); any other assertion in it
-    (lockd not active, say) fails the test for real."""
-
-
 def opener_comms(d: Daemon) -> list[str]:
     return [o.split(":", 1)[1] for o in d.xattr(d.volume("e1", "disk.raw"), "openers").split(",")]
 
 
 def lease_refused(err: str) -> bool:
-    return "resource busy" in err or "is locked" in err or "Failed to acquire lock" in err
+    """libvirt refused the start: by virtlockd's lease, or by qemu's own image lock (qemu
+    opens the images before libvirt asks for the lease; with the own engine both locks are
+    on the backing file)."""
+    lease = "resource busy" in err or "is locked" in err or "Failed to acquire lock" in err
+    return lease or 'Failed to get "write" lock' in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LeaseNotEnforced,
-    reason="issue 13: image locks do not reach the backing file",
-)
+def lease_lock(path: Path) -> tuple[int, int, int] | None:
+    """The lock that conflicts with a write lock on byte 0 of *path* (type, start, length),
+    asked with F_OFD_GETLK on a fresh open file description; None if there is none.
+    virtlockd locks byte 0; qemu's own image locks sit at bytes 100 and up."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        typ, _whence, start, length, _pid = struct.unpack(
+            "hhqqi4x", fcntl.fcntl(fd, F_OFD_GETLK, arg)
+        )
+    finally:
+        os.close(fd)
+    return None if typ == fcntl.F_UNLCK else (typ, start, length)
+
+
 @pytest.mark.parametrize("engine", ["passthrough"])
 def test_lockd_direct_lease_across_hosts(
     daemon: Daemon, daemon2: Daemon, libvirt_host: Callable[..., Libvirt]
 ) -> None:
-    """Default lockd: the lease is an fcntl lock on the fusemux file of host A's mount."""
+    """Default lockd: the lease is an fcntl lock on the fusemux file of host A's mount, and
+    with the own engine it is a lock on the backing file (issue 13): host B is refused, and
+    starts once A's guest is gone."""
     a, b = two_hosts(daemon, daemon2, libvirt_host, LOCKD)
+    backing = Path(daemon.exports["e1"]["source"]) / "disk.raw"
+    assert lease_lock(backing) is None
     a.create("lease-a", [Disk(VOLUME)])
     a.wait_running("lease-a")
-    # The lease is there: virtlockd holds the fusemux file open (and locked) beside qemu.
+    # The lease is there: virtlockd holds the fusemux file open (and locked) beside qemu,
+    # and its write lock on byte 0 is on the backing file, where every host sees it.
     assert sorted(opener_comms(daemon)) == ["qemu-system-x86", "virtlockd"]
+    lease = lease_lock(backing)
+    assert lease is not None and lease[:2] == (fcntl.F_WRLCK, 0), lease
     err = try_start(b, "lease-b")
+    # Refused: by qemu's own image lock (it opens the image before libvirt asks for the
+    # lease), or by the lease.
+    assert lease_refused(err), err or "host B started on a volume host A holds"
     a.virsh("destroy", "lease-a")
-    if not err:
-        raise LeaseNotEnforced("host B started a domain on a volume host A holds a lease on")
-    assert lease_refused(err), err
+    wait_for(lambda: lease_lock(backing) is None, 10, "the lease to go")
+    assert try_start(b, "lease-b") == ""
 
 
 @pytest.mark.parametrize("engine", ["passthrough"])

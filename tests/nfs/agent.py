@@ -22,11 +22,13 @@ import contextlib
 import ctypes
 import errno
 import faulthandler
+import fcntl
 import hashlib
 import json
 import mmap
 import os
 import signal
+import struct
 import subprocess
 import sys
 import termios
@@ -534,6 +536,62 @@ def sc_daemon(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+F_OFD_SETLK = 37
+FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type l_whence l_start l_len l_pid
+
+
+def try_lock(path: str, cmd: int = F_OFD_SETLK, typ: int = fcntl.F_WRLCK) -> str | None:
+    """A direct open + lock of the whole file (dropped again before the close): errno name."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, cmd, FLOCK.pack(typ, 0, 0, 0, 0))
+        fcntl.fcntl(fd, cmd, FLOCK.pack(fcntl.F_UNLCK, 0, 0, 0, 0))
+        return None
+    except OSError as e:
+        return ename(e.errno)
+    finally:
+        os.close(fd)
+
+
+def sc_locks(args: dict[str, Any]) -> dict[str, Any]:
+    """A VM-style OFD lock through fusemux on an NFS volume, tried from a plain NFS mount of
+    the same export (its own superblock: nosharecache, so the server decides) and on the
+    server's file; then released by the close."""
+    export = args["export"]
+    plain = f"/mnt/plain-{export}"
+    os.makedirs(plain, exist_ok=True)
+    opts = args["options"] + ",nosharecache"
+    subprocess.run(
+        ["mount", "-t", args["fstype"], "-o", opts, args["source"], plain],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    res: dict[str, Any] = {"engine": os.getxattr(MNT, "user.fusemux.engine").decode()}
+    try:
+        res["plain_before"] = try_lock(f"{plain}/vol")
+        fd = os.open(vol(export), os.O_RDWR)
+        try:
+            fcntl.fcntl(fd, F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+            res["locks_xattr"] = os.getxattr(vol(export), "user.fusemux.locks").decode()
+            res["plain_ofd"] = try_lock(f"{plain}/vol")
+            res["plain_ofd_read"] = try_lock(f"{plain}/vol", typ=fcntl.F_RDLCK)
+            res["plain_posix"] = try_lock(f"{plain}/vol", cmd=fcntl.F_SETLK)
+            res["server_ofd"] = host("trylock", path=args["server_path"])
+        finally:
+            os.close(fd)
+        t0 = time.monotonic()
+        while True:
+            res["plain_after"] = try_lock(f"{plain}/vol")
+            if res["plain_after"] is None or time.monotonic() - t0 > 10:
+                break
+            time.sleep(0.1)
+        res["release_s"] = round(time.monotonic() - t0, 2)
+        res["server_after"] = host("trylock", path=args["server_path"])
+    finally:
+        subprocess.run(["umount", plain], capture_output=True, timeout=60)
+    wait_state(export, "unmounted")
+    return res
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "boot": sc_boot,
     "roundtrip": sc_roundtrip,
@@ -542,6 +600,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "restart": sc_restart,
     "removed": sc_removed,
     "qemu_io": sc_qemu_io,
+    "locks": sc_locks,
     "daemon": sc_daemon,
 }
 

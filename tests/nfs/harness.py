@@ -18,6 +18,8 @@ first, in case a scenario left a server stopped), in ``finally`` of the session 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +27,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -400,6 +403,15 @@ class NfsTier:
             self.servers[msg["server"]].stop()
             self.servers[msg["server"]].start()
             return True
+        if op == "trylock":  # an OFD write lock on the server's own file: errno name or None
+            fd = os.open(msg["path"], os.O_RDWR)
+            try:
+                fcntl.fcntl(fd, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+                return None
+            except OSError as e:
+                return errno.errorcode.get(e.errno or 0, str(e.errno))
+            finally:
+                os.close(fd)  # drops the lock, if taken
         if op == "rmtree":
             shutil.rmtree(msg["path"])
             return True

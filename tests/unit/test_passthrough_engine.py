@@ -95,18 +95,30 @@ def test_xattr_size_protocol() -> None:
     assert e.value.errno == errno.ERANGE
 
 
-def test_interrupt_cancels_only_side_effect_free_requests() -> None:
+def test_interrupt_follows_the_core_policy() -> None:
+    """SETLKW: cancelled at once. READ: only once its caller is dying (here: a thread id
+    that does not exist; a live caller with a harmless signal is left alone). OPEN: never."""
+    import os
+
     import trio
 
     async def main() -> None:
         s = session()
-        read_scope, open_scope = trio.CancelScope(), trio.CancelScope()
-        s.inflight[10] = (abi.READ, read_scope)
-        s.inflight[11] = (abi.OPEN, open_scope)
-        s._interrupt(10)
-        s._interrupt(11)
-        s._interrupt(12)  # already answered: ignored
-        assert read_scope.cancel_called and not open_scope.cancel_called
+        live, gone = os.getpid(), 2**22 + 12345  # above pid_max: no such thread
+        scopes = {u: trio.CancelScope() for u in (10, 11, 12, 13)}
+        async with trio.open_nursery() as nursery:
+            s._nursery = nursery
+            s.inflight[10] = (abi.SETLKW, scopes[10], live)
+            s.inflight[11] = (abi.READ, scopes[11], live)
+            s.inflight[12] = (abi.READ, scopes[12], gone)
+            s.inflight[13] = (abi.OPEN, scopes[13], gone)
+            for unique in (10, 11, 12, 13, 14):  # 14: already answered, ignored
+                s._interrupt(unique)
+            assert scopes[10].cancel_called
+            await trio.sleep(3 * pt.INTERRUPT_POLL)
+            assert scopes[12].cancel_called
+            assert not scopes[11].cancel_called and not scopes[13].cancel_called
+            s.inflight.clear()  # answered: the watcher of 11 ends
 
     trio.run(main)
 

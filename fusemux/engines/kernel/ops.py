@@ -21,6 +21,7 @@ from typing import Protocol
 
 import trio
 
+from fusemux.core import locks
 from fusemux.core.api import SetAttr
 from fusemux.core.fs import FileSystem
 from fusemux.engines import fuse_abi as abi
@@ -79,6 +80,9 @@ class Ops:
             abi.ACCESS: self._access,
             abi.FALLOCATE: self._fallocate,
             abi.LSEEK: self._lseek,
+            abi.GETLK: self._getlk,
+            abi.SETLK: self._setlk,
+            abi.SETLKW: self._setlk,
         }
 
     async def _lookup(self, req: Request) -> bytes:
@@ -171,7 +175,8 @@ class Ops:
         return b""
 
     async def _flush(self, req: Request) -> bytes:
-        fh, *_ = abi.FLUSH_IN.unpack_from(req.body)
+        fh, _unused, _pad, lock_owner = abi.FLUSH_IN.unpack_from(req.body)
+        await self.fs.locks.flush(fh, lock_owner)  # a close drops the closer's POSIX locks
         await self.fs.flush(fh, written_elsewhere=self.conn.backing.passes_through(fh))
         return b""
 
@@ -188,6 +193,24 @@ class Ops:
     async def _lseek(self, req: Request) -> bytes:
         fh, off, whence, _ = abi.LSEEK_IN.unpack_from(req.body)
         return abi.LSEEK_OUT.pack(await self.fs.lseek(fh, off, whence))
+
+    async def _getlk(self, req: Request) -> bytes:
+        fh, owner, start, end, typ, pid, _flags, _ = abi.LK_IN.unpack_from(req.body)
+        found = await self.fs.locks.getlk(fh, owner, locks.Lock(typ, start, end, pid))
+        return abi.LK_OUT.pack(found.start, found.end, found.type, found.pid)
+
+    async def _setlk(self, req: Request) -> bytes:
+        fh, owner, start, end, typ, pid, lk_flags, _ = abi.LK_IN.unpack_from(req.body)
+        # flock arrives as a whole-file lock with LK_FLOCK; its owner is the open file, as
+        # for OFD locks. RELEASE needs no flag handling: closing the owner's fd drops both.
+        await self.fs.locks.setlk(
+            fh,
+            owner,
+            locks.Lock(typ, start, end, pid),
+            wait=req.opcode == abi.SETLKW,
+            is_flock=bool(lk_flags & abi.LK_FLOCK),
+        )
+        return b""
 
     async def _access(self, req: Request) -> bytes:
         mask, _ = abi.ACCESS_IN.unpack_from(req.body)

@@ -17,11 +17,17 @@ node's count and FORGET takes them back. The core's inode numbers are stable for
 life, so nothing is freed on FORGET, but a count going below zero means the engine and the
 kernel disagree: that is logged at ERROR and counted in ``engine_stats`` (``forget_errors``).
 
-Interrupts: INTERRUPT cancels the named request's task if the core says its operation may
-be cancelled (:func:`fusemux.core.api.may_interrupt`: the side-effect-free reads, lookups,
-stats, xattr reads, fsync); it is then answered with EINTR. The core abandons a backing call
-in flight as it does at ``io_timeout``, so a process killed while it waits on a hung export
-can exit, and a mount the request was waiting for goes on for every other caller.
+Interrupts: INTERRUPT asks the core what to do with the named request
+(:func:`fusemux.core.api.interrupt_policy`): a waiting SETLKW is cancelled at once; the
+side-effect-free requests (reads, lookups, stats, xattr reads, fsync, GETLK) are cancelled
+once their caller has a fatal signal pending (polled in ``/proc``), and answered EINTR; all
+others run to their end. The core abandons a backing call in flight as it does at
+``io_timeout``, so a process killed while it waits on a hung export can exit, and a mount
+the request was waiting for goes on for every other caller.
+
+Locks: INIT negotiates ``FUSE_POSIX_LOCKS`` and ``FUSE_FLOCK_LOCKS``, so fcntl and flock
+locks on volumes come here (GETLK, SETLK, SETLKW, and the lock owner of FLUSH) instead of
+staying in the kernel, for passthrough opens too; the core takes them on the backing file.
 
 Concurrency: everything runs on the trio thread; only the handlers' backing calls go to the
 exports' worker threads (through the core).
@@ -36,7 +42,7 @@ from collections import Counter
 
 import trio
 
-from fusemux.core.api import Ctx, EngineStatistics, Op, may_interrupt
+from fusemux.core.api import Ctx, EngineStatistics, Interrupt, Op, caller_dying, interrupt_policy
 from fusemux.core.fs import FileSystem
 from fusemux.engines import fuse_abi as abi
 from fusemux.engines.kernel.backing import BackingRegistry
@@ -60,6 +66,7 @@ NAME = "passthrough"
 MAX_READAHEAD = 1 << 20
 MAX_BACKGROUND = 64
 DRAIN_TIMEOUT = 5.0  # at stop: how long requests in flight may take to finish
+INTERRUPT_POLL = 0.1  # how often an interrupted request checks whether its caller is dying
 
 # The core's name for each opcode it serves, for the policy questions the engine asks it
 # (which requests an INTERRUPT may cancel: fusemux.core.api.INTERRUPTIBLE).
@@ -85,6 +92,9 @@ _OPS = {
     abi.READDIR: Op.READDIR,
     abi.READDIRPLUS: Op.READDIR,
     abi.RELEASEDIR: Op.RELEASEDIR,
+    abi.GETLK: Op.GETLK,
+    abi.SETLK: Op.SETLK,
+    abi.SETLKW: Op.SETLKW,
 }
 _NAMESPACE_OPS = {
     abi.MKNOD: "mknod",
@@ -120,7 +130,9 @@ class Session:
         self.stats: Counter[str] = Counter()
         self.lookups: dict[int, int] = {}
         self.backing = BackingRegistry(fs, self.stats)
-        self.inflight: dict[int, tuple[int, trio.CancelScope]] = {}
+        # unique -> (opcode, cancel scope of its task, caller's thread id)
+        self.inflight: dict[int, tuple[int, trio.CancelScope, int]] = {}
+        self._nursery: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._buf = bytearray(BUFFER_SIZE)
         self.ops = Ops(self)
@@ -156,6 +168,8 @@ class Session:
             | abi.MAX_PAGES
             | abi.HANDLE_KILLPRIV_V2
             | abi.INIT_EXT
+            | abi.POSIX_LOCKS  # locks reach the backing file (fusemux.core.locks)
+            | abi.FLOCK_LOCKS
         )
         if self.want_passthrough and minor >= abi.PASSTHROUGH_MINOR:
             want |= abi.PASSTHROUGH
@@ -231,6 +245,7 @@ class Session:
         connection, so their callers get ENOTCONN rather than waiting).
         """
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             try:
                 with self._cancel:
                     await self._loop(nursery)
@@ -288,7 +303,7 @@ class Session:
                 self._reply_error(unique, refusal)
             else:
                 scope = trio.CancelScope()
-                self.inflight[unique] = (opcode, scope)
+                self.inflight[unique] = (opcode, scope, pid)
                 nursery.start_soon(self._run, req, scope)
             # Yield now and then so replies and the rest of trio keep up with a busy kernel.
             served += 1
@@ -334,9 +349,28 @@ class Session:
         self.write_reply(unique, error, [])
 
     def _interrupt(self, unique: int) -> None:
+        """The kernel interrupts request *unique*: do what the core says for its operation."""
         found = self.inflight.get(unique)
-        if found is not None and may_interrupt(_OPS.get(found[0])):
-            found[1].cancel()
+        if found is None:
+            return  # answered already
+        opcode, scope, tid = found
+        policy = interrupt_policy(_OPS.get(opcode))
+        if policy is Interrupt.NOW:
+            scope.cancel()
+        elif policy is Interrupt.IF_DYING and self._nursery is not None:
+            self._nursery.start_soon(self._cancel_when_caller_dies, unique, scope, tid)
+
+    async def _cancel_when_caller_dies(
+        self, unique: int, scope: trio.CancelScope, tid: int
+    ) -> None:
+        """Cancel request *unique* once its caller has a fatal signal pending; give up when
+        the request is answered. The kernel sends one INTERRUPT per request, whatever the
+        signal, so a caller killed later is noticed here."""
+        while (found := self.inflight.get(unique)) is not None and found[1] is scope:
+            if caller_dying(tid):
+                scope.cancel()
+                return
+            await trio.sleep(INTERRUPT_POLL)
 
     # -- lookup counts ---------------------------------------------------------------------
 

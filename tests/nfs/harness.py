@@ -60,8 +60,9 @@ EXPORTS: dict[str, tuple[str, str, str, str]] = {
 }
 MOUNT_TIMEOUT = 6.0
 # The FUSE engine the guest's fusemux runs (make test-nfs runs the tier once per engine). The
-# guest's Debian 12 kernel (6.1, FUSE 7.38) has no passthrough, so there the passthrough
+# Debian 12 guest's kernel (6.1, FUSE 7.38) has no passthrough, so there the passthrough
 # engine serves every read and write itself: the same protocol code, on its fallback path.
+# The Debian 13 guest's (6.12) has it (FUSEMUX_NFS_RELEASE=trixie, see tests/nfs/image.py).
 ENGINE = os.environ.get("FUSEMUX_NFS_ENGINE", "pyfuse3")
 IO_TIMEOUTS = {"v4timeo": 2.0}  # exports with fusemux's own io_timeout
 

@@ -29,8 +29,11 @@ if [ "${1:-}" = --inner ]; then
     for m in dev/shm dev/pts dev sys proc; do
       mountpoint -q "$R/$m" && umount -l "$R/$m"
     done
+    mountpoint -q "$R" && umount -l "$R"
   }
   trap cleanup EXIT
+  # The root is a mount of its own, as on a machine or in a container (mountinfo shows "/").
+  mount --bind "$R" "$R"
   mount -t proc proc "$R/proc"
   mount -t sysfs sys "$R/sys"
   mount -t tmpfs -o mode=0755,size=16m,nosuid tmpfs "$R/dev"

@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Install everything fusemux needs on a Debian 12 host (as root): system packages, a venv in
-# .venv built from the system Python, and fusemux with its test and lint tools into it.
+# Install everything fusemux needs on a Debian 12 or 13 host (as root): system packages, a
+# venv in .venv built from the system Python, and fusemux with its test and lint tools into it.
+#
+# The packages cover every external command fusemux and its tests run (grep tests/ and
+# fusemux/ for them): mount/umount/losetup (mount), setpriv (util-linux), fincore
+# (util-linux-extra: its own package on Debian 13; on 12 util-linux depends on it), sfdisk
+# (fdisk), mkfs.ext4/debugfs (e2fsprogs), getfattr/setfattr (attr), fusermount3 (fuse3),
+# qemu-img/qemu-io/qemu-nbd (qemu-utils), fio and mergerfs (benchmarks and their smoke test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make pkg-config
   libfuse3-dev fuse3
-  qemu-utils attr e2fsprogs util-linux mount procps kmod fdisk
+  qemu-utils attr e2fsprogs util-linux util-linux-extra mount procps kmod fdisk
   fio mergerfs
 )
 
 APT_TAG=setup bash scripts/apt-install.sh "${APT_PACKAGES[@]}"
 
-# The system Python (Debian's 3.11) has venv and headers once the packages above are in.
+# The system Python (Debian 12: 3.11, 13: 3.13) has venv and headers once the packages above
+# are in.
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=$(command -v python3)
 if [ ! -x .venv/bin/python ]; then

@@ -132,11 +132,14 @@ class Supervisor:
             raise MappingFailed(f"cannot run {self.argv[0]}: {e.strerror}", e.errno) from None
         finally:
             logf.close()
-        self.pid = proc.pid
         self.starts += 1
         try:
+            ready = await self._wait_ready(proc)
+            # Published only now, after a restart too: whoever sees the new pid (mapping_pid)
+            # can connect, instead of meeting the killed server's stale socket.
+            self.pid = proc.pid
             if task_status is not None:
-                if not await self._wait_ready(proc):
+                if not ready:
                     tail = await trio.to_thread.run_sync(_tail, self.log_file)
                     raise MappingFailed(f"qemu-nbd did not start: {tail}", errno.EIO)
                 log.info("%s: qemu-nbd running (pid %d)", self.label, proc.pid)

@@ -11,22 +11,36 @@ The parsers are pure functions over bytes and never raise on a corrupt table: a 
 cannot trust gives no partitions. Sectors are 512 bytes (the logical block size of a loop
 device unless it is configured otherwise, which fusemux never does).
 
-The ioctl helpers block; call them from a worker thread.
+Partition nodes where the kernel makes none: on a devtmpfs ``/dev`` the kernel makes and
+removes ``/dev/loopNpM`` itself. Where ``/dev`` is something else (a container's or a
+chroot's plain tmpfs, no udev) nothing would, so after a BLKPG add this module makes each
+missing node with ``mknod`` from the partition's ``MAJ:MIN`` in sysfs, with the owner and
+mode of the whole device, and marks it as its own (the ``trusted.fusemux.node`` xattr, and a
+process-wide record for filesystems without xattrs). After a BLKPG delete it removes the
+nodes it made, and only those; a node someone else made is left alone.
+
+The ioctl and node helpers block; call them from a worker thread. Several threads may add or
+delete partitions of different devices at once: the record of made nodes is guarded by a
+lock, and each node operation tolerates a node that another thread made or removed first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
+import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,10 @@ GPT_SIGNATURE = b"EFI PART"
 GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
 GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
 GPT_MAX_ENTRIES = 1024
+SYS_BLOCK = Path("/sys/block")
+# Marks a partition node fusemux made with mknod (trusted.*: root only, any inode type).
+NODE_MARK = "trusted.fusemux.node"
+NODE_MARK_VALUE = b"fusemux"
 
 
 @dataclass(frozen=True)
@@ -235,10 +253,11 @@ def _blkpg(fd: int, op: int, part: Partition) -> None:
     fcntl.ioctl(fd, BLKPG, arg)  # data stays alive (referenced above) for the call
 
 
-def add_partitions(dev: str, parts: list[Partition]) -> list[str]:
+def add_partitions(dev: str, parts: list[Partition], sys_block: Path = SYS_BLOCK) -> list[str]:
     """Make a node for every partition in *parts* that *dev* does not have yet.
 
-    Returns the partition device paths, by number. Waits briefly for devtmpfs to show each.
+    Returns the partition device paths, by number. On a devtmpfs ``/dev`` it waits briefly
+    for the kernel to show each node; elsewhere it makes the missing nodes from sysfs.
     """
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -253,6 +272,8 @@ def add_partitions(dev: str, parts: list[Partition]) -> list[str]:
     finally:
         os.close(fd)
     nodes = [f"{dev}p{p.number}" for p in parts]
+    if not kernel_makes_nodes(dev):
+        return make_missing_nodes(dev, [p.number for p in parts], sys_block)
     deadline = time.monotonic() + 2.0
     while not all(os.path.exists(n) for n in nodes) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -260,7 +281,10 @@ def add_partitions(dev: str, parts: list[Partition]) -> list[str]:
 
 
 def delete_partitions(dev: str, numbers: list[int]) -> None:
-    """Delete partitions *numbers* of *dev*, highest first. ENXIO (already gone) is fine."""
+    """Delete partitions *numbers* of *dev*, highest first. ENXIO (already gone) is fine.
+
+    The node of each deleted partition is removed if fusemux made it (see the module doc).
+    """
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
         for number in sorted(numbers, reverse=True):
@@ -271,5 +295,123 @@ def delete_partitions(dev: str, numbers: list[int]) -> None:
                     raise OSError(
                         e.errno, f"cannot delete partition {dev}p{number}: {e.strerror}"
                     ) from None
+            remove_own_nodes(dev, [number])
     finally:
         os.close(fd)
+
+
+# -- partition nodes where the kernel makes none -------------------------------------------
+
+_made: dict[str, int] = {}  # node path -> st_rdev, for the nodes this process made
+_made_lock = threading.Lock()
+
+
+def kernel_makes_nodes(dev: str) -> bool:
+    """Whether the directory of *dev* is on a devtmpfs (the kernel makes nodes there)."""
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(dev)))
+    fstype = ""
+    best = -1
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return True  # no /proc: assume the common case, and only wait as before
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        point = fields[4]
+        for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            point = point.replace(code, char)
+        inside = directory == point or directory.startswith(point.rstrip("/") + "/")
+        # The last of equally long mountpoints is the one on top.
+        if inside and len(point) >= best:
+            best, fstype = len(point), right.split()[0]
+    return fstype == "devtmpfs"
+
+
+def _is_ours(node: str) -> bool:
+    try:
+        return os.getxattr(node, NODE_MARK, follow_symlinks=False) == NODE_MARK_VALUE
+    except OSError:
+        return False
+
+
+def make_missing_nodes(dev: str, numbers: list[int], sys_block: Path = SYS_BLOCK) -> list[str]:
+    """Make ``{dev}pM`` for each partition M of *dev* that has no right node (blocking).
+
+    MAJ:MIN comes from ``<sys_block>/loopN/loopNpM/dev``; owner, group and mode are the whole
+    device's. A node that exists with the right device number is kept. One with another
+    number is replaced if fusemux made it (a leftover), else it is an error: it is not ours
+    to remove. Returns the node paths, by number.
+    """
+    base = os.path.basename(dev)
+    whole = os.stat(dev)
+    nodes: list[str] = []
+    for number in numbers:
+        node = f"{dev}p{number}"
+        attr = sys_block / base / f"{base}p{number}" / "dev"
+        try:
+            major_s, _, minor_s = attr.read_text().strip().partition(":")
+            rdev = os.makedev(int(major_s), int(minor_s))
+        except (OSError, ValueError) as e:
+            raise OSError(
+                errno.ENOENT, f"cannot make {node}: the kernel shows no partition at {attr} ({e})"
+            ) from None
+        try:
+            st = os.lstat(node)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                nodes.append(node)
+                continue
+            if not _is_ours(node):
+                raise OSError(
+                    errno.EEXIST,
+                    f"{node} exists but is not partition {number} of {dev} "
+                    f"({os.major(rdev)}:{os.minor(rdev)}); not made by fusemux, left alone",
+                )
+            log.warning("replacing leftover partition node %s", node)
+            os.unlink(node)
+        try:
+            os.mknod(node, stat.S_IFBLK | stat.S_IMODE(whole.st_mode), rdev)
+        except FileExistsError:
+            # Another thread or process made it meanwhile: keep it if it is right.
+            st = os.lstat(node)
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                nodes.append(node)
+                continue
+            raise
+        with _made_lock:
+            _made[node] = rdev
+        os.chown(node, whole.st_uid, whole.st_gid, follow_symlinks=False)
+        os.chmod(node, stat.S_IMODE(whole.st_mode))  # not reduced by the umask
+        with contextlib.suppress(OSError):  # no xattrs here: the record above still knows
+            os.setxattr(node, NODE_MARK, NODE_MARK_VALUE, follow_symlinks=False)
+        log.info("made %s (%d:%d): /dev is not a devtmpfs", node, os.major(rdev), os.minor(rdev))
+        nodes.append(node)
+    return nodes
+
+
+def remove_own_nodes(dev: str, numbers: list[int]) -> None:
+    """Remove ``{dev}pM`` for each M in *numbers* if fusemux made it (blocking).
+
+    Call it after the partition is deleted. A node fusemux did not make, or one that was
+    replaced by a different node since, is left alone.
+    """
+    for number in numbers:
+        node = f"{dev}p{number}"
+        with _made_lock:
+            rdev = _made.pop(node, None)
+        try:
+            st = os.lstat(node)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISBLK(st.st_mode):
+            continue
+        if (rdev is not None and st.st_rdev == rdev) or _is_ours(node):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(node)
+            log.info("removed partition node %s", node)

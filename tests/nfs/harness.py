@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.nfs.image import Image
+from tests.nfs.image import RELEASE, Image
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -46,7 +46,11 @@ GUEST_B = "10.0.2.102"
 CINDER_SHARE = f"{GUEST_A}:/cinder"
 CINDER_EXPORT = hashlib.md5(CINDER_SHARE.encode()).hexdigest()
 
-V4 = "vers=4.2,proto=tcp,port=2049,clientaddr=10.0.2.15"
+# NFSv4.2 on the bookworm guest. The trixie guest's kernel (6.12) reads with READ_PLUS
+# (CONFIG_NFS_V4_2_READ_PLUS=y), and every 4.2 read from the host's nfs-ganesha 4.3 (Debian
+# 12) then fails with EIO, so that guest mounts v4.1 (measured; see docs/nfs.md).
+V4_VERS = "4.1" if RELEASE == "trixie" else "4.2"
+V4 = f"vers={V4_VERS},proto=tcp,port=2049,clientaddr=10.0.2.15"
 V3 = "vers=3,proto=tcp,port=2049,mountproto=tcp,mountport=20048,nolock"
 SOFT = "soft,timeo=10,retrans=1"
 # fusemux export name -> (server, server directory, fstype, options)
@@ -63,8 +67,9 @@ EXPORTS: dict[str, tuple[str, str, str, str]] = {
 }
 MOUNT_TIMEOUT = 6.0
 # The FUSE engine the guest's fusemux runs (make test-nfs runs the tier once per engine). The
-# guest's Debian 12 kernel (6.1, FUSE 7.38) has no passthrough, so there the passthrough
+# Debian 12 guest's kernel (6.1, FUSE 7.38) has no passthrough, so there the passthrough
 # engine serves every read and write itself: the same protocol code, on its fallback path.
+# The Debian 13 guest's (6.12) has it (FUSEMUX_NFS_RELEASE=trixie, see tests/nfs/image.py).
 ENGINE = os.environ.get("FUSEMUX_NFS_ENGINE", "pyfuse3")
 IO_TIMEOUTS = {"v4timeo": 2.0}  # exports with fusemux's own io_timeout
 

@@ -21,6 +21,7 @@ from tests.nfs.harness import (
     VOLUME_SIZE,
     NfsTier,
 )
+from tests.nfs.image import RELEASE
 
 OUTAGE = 5.0  # long enough for `fusemux status` (2-3 s under TCG) to finish inside it
 
@@ -32,9 +33,11 @@ def test_boot(nfs: NfsTier, record: dict[str, Any]) -> None:
     assert set(data["states"].values()) == {"unmounted"}
     assert data["engine"] == ENGINE
     if ENGINE == "passthrough":
-        # The guest's 6.1 kernel (FUSE 7.38) offers no passthrough: the engine serves all
-        # reads and writes itself, and says so.
-        assert data["engine_stats"]["passthrough"] is False, data["engine_stats"]
+        # Debian 12's 6.1 kernel (FUSE 7.38) offers no passthrough: the engine serves all
+        # reads and writes itself, and says so. Debian 13's 6.12 has it (Linux >= 6.9).
+        release = tuple(int(x) for x in data["kernel"].split("-")[0].split(".")[:2])
+        want = release >= (6, 9)
+        assert data["engine_stats"]["passthrough"] is want, (data["kernel"], data["engine_stats"])
 
 
 @pytest.mark.parametrize("export", ["v4hard", "v3hard", CINDER_EXPORT])
@@ -143,7 +146,11 @@ def test_removed(nfs: NfsTier, record: dict[str, Any]) -> None:
     data = nfs.run("removed", export="gone", server_dir=str(d), seed=31, size=1 << 20)
     record.update(data)
     assert not data["io_stuck"]  # the open fd may keep working (ganesha holds the file)
-    assert data["open_while_gone_errno"] in ("ESTALE", "EIO"), data
+    # A new open fails fast on the bookworm guest (6.1, v4.2). The trixie guest's 6.12 client
+    # (v4.1) opened the removed file without asking a question the server could refuse: the
+    # file is still open, so ganesha still has it. Either way, no hang.
+    allowed = ("ESTALE", "EIO") if RELEASE == "bookworm" else ("ESTALE", "EIO", None)
+    assert data["open_while_gone_errno"] in allowed, data
     assert data["open_while_gone_s"] < 5
     assert data.get("recovered_md5_ok"), data
 

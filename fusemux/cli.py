@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except StartupError as e:
         print(f"fusemux: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
 
 
 def _getx(path: str, key: str) -> str:
@@ -169,21 +169,22 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
 def _print_status(status: dict[str, Any]) -> None:
     engine = f", {status['engine']} engine" if status.get("engine") else ""
     print(f"fusemux {status['version']} (pid {status['pid']}{engine}) at {status['mountpoint']}")
-    rows = [("EXPORT", "STATE", "HOLDERS", "MOUNTS", "SOURCE", "LAST ERROR")]
+    rows = [("EXPORT", "STATE", "HEALTH", "HOLDERS", "MOUNTS", "SOURCE", "LAST ERROR")]
     for e in status["exports"]:
         rows.append(
             (
                 e["name"],
                 e.get("state", "?"),
+                e.get("health", "?"),
                 str(e.get("holders", "")),
                 str(e.get("mount_count", "")),
                 f"{e.get('fstype', '')}:{e.get('source', '')}",
                 e.get("last_error", "") or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=False)) + "  " + r[5])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=False)) + "  " + r[6])
     for e in status["exports"]:
         if e.get("backing_answers") is False:
             print(f"not answering: {e['name']} (its backing filesystem did not answer a statvfs)")

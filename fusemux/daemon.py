@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import trio
 
 from fusemux import libc
 from fusemux.config import Config, ConfigError, load_config
+from fusemux.core import metrics
 from fusemux.core.fs import FileSystem
 from fusemux.core.mappings import cleanup_leftover_mappings
 from fusemux.core.mounter import MNT_DETACH, Mounter, SystemMounter, read_mountinfo, umount2
@@ -47,7 +49,15 @@ WANT_NOFILE = 1 << 20
 
 
 class StartupError(Exception):
-    """An expected reason not to start, reported without a traceback."""
+    """An expected reason not to start, reported without a traceback.
+
+    *exit_code* is 1, or 2 for a configured setting that cannot be used (``metrics_listen``
+    in use): the exit codes of ``fusemux serve``.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _set_io_flusher() -> None:
@@ -255,7 +265,13 @@ async def _watch_signals(
             return
 
 
-async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Options) -> None:
+async def _serve(
+    config: Config,
+    mountpoint: str,
+    mounter: Mounter,
+    options: Options,
+    metrics_sock: socket.socket | None = None,
+) -> None:
     from fusemux import engines
     from fusemux.engines.passthrough import EngineError
 
@@ -271,6 +287,10 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
     async with trio.open_nursery() as nursery:
         fs.bind(nursery)
         await nursery.start(_watch_signals, fs, options, engine.terminate)
+        nursery.start_soon(fs.health.run)
+        if metrics_sock is not None:
+            await nursery.start(metrics.serve, metrics_sock, fs)
+            log.info("metrics at %s/metrics", config.metrics_listen)
         log.info(
             "serving %d export(s) at %s (state_dir %s, linger %gs)",
             len(config.exports),
@@ -296,6 +316,17 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
             nursery.cancel_scope.cancel()
 
 
+def _prepare(config: Config) -> None:
+    try:
+        Path(config.mnt_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StartupError(f"cannot create {config.mnt_dir}: {e.strerror}") from None
+    cleanup_leftover_mappings(config)  # loop devices keep stale backing mounts busy
+    clear_stale_backing_mounts(config)
+    _set_io_flusher()
+    _raise_nofile()
+
+
 def run(
     config: Config,
     mountpoint: str,
@@ -307,22 +338,25 @@ def run(
     mountpoint = os.path.abspath(mountpoint)
     options = Options(debug_fuse=debug_fuse, force=force, config_path=config_path)
     check_mountpoint(mountpoint, config.state_dir)
+    metrics_sock = None
+    if config.metrics_listen is not None:
+        try:  # before anything is touched: an address in use stops the start
+            metrics_sock = metrics.bind(config.metrics_listen)
+        except metrics.ListenError as e:
+            raise StartupError(str(e), exit_code=2) from None
     try:
-        Path(config.mnt_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise StartupError(f"cannot create {config.mnt_dir}: {e.strerror}") from None
-    cleanup_leftover_mappings(config)  # loop devices keep stale backing mounts busy
-    clear_stale_backing_mounts(config)
-    _set_io_flusher()
-    _raise_nofile()
-    pid_file = config.state_dir / PID_FILE
-    with contextlib.suppress(OSError):
-        pid_file.write_text(f"{os.getpid()} {mountpoint}\n")
-    try:
-        trio.run(_serve, config, mountpoint, SystemMounter(), options)
-    finally:
+        _prepare(config)
+        pid_file = config.state_dir / PID_FILE
         with contextlib.suppress(OSError):
-            if pid_file.read_text().split()[0] == str(os.getpid()):
-                pid_file.unlink()
+            pid_file.write_text(f"{os.getpid()} {mountpoint}\n")
+        try:
+            trio.run(_serve, config, mountpoint, SystemMounter(), options, metrics_sock)
+        finally:
+            with contextlib.suppress(OSError):
+                if pid_file.read_text().split()[0] == str(os.getpid()):
+                    pid_file.unlink()
+    finally:
+        if metrics_sock is not None and config.metrics_listen is not None:
+            metrics.close(metrics_sock, config.metrics_listen)
     log.info("stopped cleanly")
     return 0

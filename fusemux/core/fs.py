@@ -55,6 +55,7 @@ from fusemux.core.capacity import Capacity
 from fusemux.core.control import AdminXattrs, xattr_refusal
 from fusemux.core.exports import Export, ExportManager
 from fusemux.core.handles import DirHandle, Handle, HandleTable
+from fusemux.core.health import HealthMonitor
 from fusemux.core.images import ImageCache
 from fusemux.core.mappings import MappingManager
 from fusemux.core.mounter import Mounter
@@ -97,6 +98,7 @@ class FileSystem:
         self.images = ImageCache()
         self.mappings = MappingManager(config, self.exports, self.images)
         self.capacity = Capacity(self.exports, self.namespace)
+        self.health = HealthMonitor(self.exports, self.capacity)  # the daemon runs it
         self.admin = AdminXattrs(
             self.namespace, self.exports, self.handles, self.mappings, self.images, self.capacity
         )

@@ -52,6 +52,7 @@ from pathlib import Path
 import trio
 
 from fusemux import libc
+from fusemux.core import metrics
 from fusemux.core.api import Attr, Ctx, DirEntry, EngineStatistics, Op, SetAttr, may_interrupt
 from fusemux.core.fs import FileSystem
 from fusemux.core.mounter import MNT_DETACH, read_mountinfo, umount2
@@ -500,6 +501,7 @@ class Session:
 
     async def _run(self, req: Request, scope: trio.CancelScope) -> None:
         handler = self._handlers.get(req.opcode)
+        started = metrics.now()
         try:
             with scope:
                 if handler is None:
@@ -519,6 +521,7 @@ class Session:
             self._reply_error(req.unique, reply_errno(e, op, log))
         finally:
             self.inflight.pop(req.unique, None)
+            metrics.request_done(abi.OPCODE_NAMES.get(req.opcode, str(req.opcode)), started)
 
     def _write_reply(self, unique: int, error: int, parts: list[bytes]) -> bool:
         """One reply; False if the kernel no longer waits for it (interrupted, aborted)."""

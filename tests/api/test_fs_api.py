@@ -531,6 +531,7 @@ EXPORT_KEYS = [
     "retry_in",
     "removed",
     "mapped_volumes",
+    "health",
     "status_json",
 ]
 VOLUME_KEYS = [
@@ -610,6 +611,7 @@ async def test_export_xattrs_while_unmounted_never_mount(env: Env) -> None:
         "retry_in": "0",
         "removed": "0",
         "mapped_volumes": "",
+        "health": "ok",
         "status_json": '{"mappings": {}, "open": {}}',
     }
     for key in ("capacity", "free"):

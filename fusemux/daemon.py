@@ -26,7 +26,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -34,9 +34,11 @@ import trio
 from fusemux import libc
 from fusemux.config import Config, ConfigError, load_config
 from fusemux.core import metrics
+from fusemux.core.exports import Health, State
 from fusemux.core.fs import FileSystem
 from fusemux.core.mappings import cleanup_leftover_mappings
 from fusemux.core.mounter import MNT_DETACH, Mounter, SystemMounter, read_mountinfo, umount2
+from fusemux.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 FUSE_FSTYPE = "fuse.fusemux"
@@ -193,6 +195,9 @@ class Options:
     debug_fuse: bool = False
     force: bool = False  # SIGTERM stops at once even with volumes open
     config_path: str = ""  # re-read on SIGHUP
+    notifier: Notifier = field(default_factory=lambda: Notifier({}))  # systemd, if any
+    # Called once the mount answers (the parent of a daemonized serve waits for it).
+    on_ready: Callable[[], None] | None = None
 
 
 async def _reload(fs: FileSystem, path: str) -> None:
@@ -252,6 +257,7 @@ async def _watch_signals(
             ]
             if users and not options.force and not refused:
                 refused = True
+                options.notifier.status(f"stop refused: {len(users)} in use; {_status(fs)}")
                 log.warning(
                     "received %s with %d open volume(s) or mapping(s) in use; NOT stopping "
                     "(send the signal again, or run serve with --force, to stop anyway): %s",
@@ -261,8 +267,50 @@ async def _watch_signals(
                 )
                 continue
             log.info("received %s, shutting down", name)
+            options.notifier.stopping(f"stopping ({name})")
             terminate()
             return
+
+
+# How often STATUS= is refreshed for systemctl status.
+STATUS_INTERVAL = 5.0
+# How long the mount may take to answer its own first stat before startup is abandoned.
+READY_TIMEOUT = 30.0
+
+
+def _status(fs: FileSystem) -> str:
+    """One line for systemd's STATUS=: exports, mounted ones, open volumes, unhealthy ones."""
+    exports = list(fs.exports.exports.values())
+    mounted = sum(e.state is State.MOUNTED for e in exports)
+    sick = [e.name for e in exports if e.health is not Health.OK]
+    line = f"{len(exports)} export(s), {mounted} mounted, {len(fs.open_volumes())} open volume(s)"
+    return line + (f"; not ok: {', '.join(sick)}" if sick else "")
+
+
+async def _announce_ready(fs: FileSystem, mountpoint: str, options: Options) -> None:
+    """Tell systemd (READY=1) and a waiting parent that the mount answers, then keep STATUS=
+    fresh. The mount answers once its own stat of ``volumes`` returns: the stat runs in a
+    thread while the event loop serves it."""
+    volumes = os.path.join(mountpoint, "volumes")
+    with trio.move_on_after(READY_TIMEOUT) as waited:
+        await trio.to_thread.run_sync(os.stat, volumes, abandon_on_cancel=True)
+    if waited.cancelled_caught:
+        log.error("the mount at %s did not answer within %gs; not ready", mountpoint, READY_TIMEOUT)
+        return
+    log.info("the mount at %s answers", mountpoint)
+    options.notifier.ready(_status(fs))
+    if options.on_ready is not None:
+        options.on_ready()
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        options.notifier.status(_status(fs))
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself: a wedged loop stops sending it."""
+    while True:
+        notifier.watchdog()
+        await trio.sleep(notifier.watchdog_interval)
 
 
 async def _serve(
@@ -298,10 +346,14 @@ async def _serve(
             config.state_dir,
             config.linger,
         )
+        nursery.start_soon(_announce_ready, fs, mountpoint, options)
+        if options.notifier.watchdog_interval > 0:
+            nursery.start_soon(_watchdog, options.notifier)
         try:
             await engine.serve()
             log.info("FUSE session ended")
         finally:
+            options.notifier.stopping()
             open_now = fs.open_volumes()
             if open_now:
                 log.warning(
@@ -333,10 +385,20 @@ def run(
     debug_fuse: bool = False,
     force: bool = False,
     config_path: str = "",
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
-    """Serve *config* at *mountpoint* until SIGTERM/SIGINT or an external unmount."""
+    """Serve *config* at *mountpoint* until SIGTERM/SIGINT or an external unmount.
+
+    *on_ready* is called once the mount answers (after systemd's READY=1, if under systemd).
+    """
     mountpoint = os.path.abspath(mountpoint)
-    options = Options(debug_fuse=debug_fuse, force=force, config_path=config_path)
+    options = Options(
+        debug_fuse=debug_fuse,
+        force=force,
+        config_path=config_path,
+        notifier=Notifier(),
+        on_ready=on_ready,
+    )
     check_mountpoint(mountpoint, config.state_dir)
     metrics_sock = None
     if config.metrics_listen is not None:
@@ -356,6 +418,7 @@ def run(
                 if pid_file.read_text().split()[0] == str(os.getpid()):
                     pid_file.unlink()
     finally:
+        options.notifier.close()
         if metrics_sock is not None and config.metrics_listen is not None:
             metrics.close(metrics_sock, config.metrics_listen)
     log.info("stopped cleanly")

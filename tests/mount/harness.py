@@ -123,8 +123,9 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def start(self, *extra: str, verbose: bool = True) -> None:
-        """Start the daemon and wait for its FUSE mount (debug logging unless not *verbose*)."""
+    def start(self, *extra: str, verbose: bool = True, env: dict[str, str] | None = None) -> None:
+        """Start the daemon and wait for its FUSE mount (debug logging unless not *verbose*;
+        *env* is added to the daemon's environment)."""
         if not self.config_path.exists():
             self.write_config()
         starts = self.log().count(" serving ")
@@ -135,6 +136,7 @@ class Daemon:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         proc = self.proc

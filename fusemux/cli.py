@@ -21,19 +21,15 @@ import threading
 import time
 from typing import Any
 
-from fusemux import __version__
+from fusemux import __version__, logfmt
 from fusemux.config import Config, ConfigError, load_config
 
 PREFIX = "user.fusemux."
 log = logging.getLogger("fusemux")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    logfmt.setup(verbose, fmt)
 
 
 def _load(path: str) -> Config | None:
@@ -64,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
+    _setup_logging(args.verbose, config.log_format)
     try:
         return run(
             config,

@@ -52,6 +52,7 @@ from fusemux.config import Config, ExportConfig
 from fusemux.core import metrics
 from fusemux.core.mounter import MNT_DETACH, Mounter, is_mounted, umount2
 from fusemux.errors import Busy, FusemuxError, MountError, NotFound, ShuttingDown
+from fusemux.logfmt import errname, fields
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,13 @@ class ExportManager:
         export.last_error = ""
         export.unmount_retry = UNMOUNT_RETRY_MIN
         export.failures = 0
-        log.info("export %s: mounted %s at %s", export.name, export.config.source, export.target)
+        log.info(
+            "export %s: mounted %s at %s",
+            export.name,
+            export.config.source,
+            export.target,
+            extra=fields(export=export.name, op="mount"),
+        )
 
     def _failed(self, export: Export, message: str, err: int) -> None:
         export.attempts += 1
@@ -413,6 +420,7 @@ class ExportManager:
             export.config.source,
             message,
             backoff,
+            extra=fields(export=export.name, op="mount", errno=reason),
         )
 
     # -- unmounting --------------------------------------------------------------------
@@ -460,7 +468,11 @@ class ExportManager:
             retry = export.unmount_retry
             export.unmount_retry = min(retry * 2, UNMOUNT_RETRY_MAX)
             log.warning(
-                "export %s: unmount failed (%s); retrying in %gs", export.name, e.message, retry
+                "export %s: unmount failed (%s); retrying in %gs",
+                export.name,
+                e.message,
+                retry,
+                extra=fields(export=export.name, op="unmount", errno=errname(e.errno)),
             )
             if not self.closing:
                 self._schedule_unmount(export, retry)
@@ -469,7 +481,12 @@ class ExportManager:
         export.reset_health()
         export.last_error = ""
         export.unmount_retry = UNMOUNT_RETRY_MIN
-        log.info("export %s: unmounted %s", export.name, export.target)
+        log.info(
+            "export %s: unmounted %s",
+            export.name,
+            export.target,
+            extra=fields(export=export.name, op="unmount"),
+        )
         return True
 
     # -- a backing mount that vanished -----------------------------------------------------
@@ -511,7 +528,7 @@ class ExportManager:
             self._drop(export)  # already pinned: give back the holder we just took
         else:
             export.pinned = True
-            log.info("export %s: pinned by the admin", export.name)
+            log.info("export %s: pinned by the admin", export.name, extra=fields(export=name))
         return export
 
     async def unpin(self, name: str) -> None:
@@ -528,7 +545,7 @@ class ExportManager:
             if export.pinned:
                 export.pinned = False
                 export.holders -= 1
-                log.info("export %s: unpinned by the admin", export.name)
+                log.info("export %s: unpinned by the admin", export.name, extra=fields(export=name))
             self._cancel_linger(export)
             if export.state is State.MOUNTED and not self.closing:
                 with trio.CancelScope(shield=True):

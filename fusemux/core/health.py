@@ -30,6 +30,7 @@ import trio
 
 from fusemux.core.capacity import Capacity, StatvfsProbe
 from fusemux.core.exports import Export, ExportManager, Health, State
+from fusemux.logfmt import fields
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,6 @@ class HealthMonitor:
                 before.value,
                 health.value,
                 f" ({detail})" if detail else "",
-                extra={"export": export.name},
+                extra=fields(export=export.name, op="health"),
             )
         return health

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.mount.harness import Daemon
 
@@ -23,7 +24,7 @@ def child_reads(path: Path) -> int:
     return proc.pid
 
 
-def setup(daemon: Daemon, tmp_path: Path, **top: object) -> None:
+def setup(daemon: Daemon, tmp_path: Path, **top: Any) -> None:
     daemon.add_bind_export("gold", {"a": VOL})
     daemon.exports["bad"] = {
         "source": str(tmp_path / "nowhere"),

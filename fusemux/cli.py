@@ -25,6 +25,7 @@ from fusemux import __version__, logfmt
 from fusemux.config import Config, ConfigError, load_config
 
 PREFIX = "user.fusemux."
+COMMANDS = ("serve", "mount", "unmount", "status", "check", "map", "unmap", "demo")
 log = logging.getLogger("fusemux")
 
 
@@ -324,7 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from fusemux import mounthelper
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] not in COMMANDS and mounthelper.is_helper_form(argv):
+        return mounthelper.main(argv)  # CONFIG MOUNTPOINT -o OPTS: mount(8), fstab
+    args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:

@@ -102,7 +102,7 @@ def _serving_pid(target: str, state_dir: Path) -> int | None:
     """The PID of a live fusemux daemon serving *target*, if any (never touches the mount).
 
     The pid file of this state_dir is asked first, then every process whose command line is
-    ``... fusemux ... serve <target>``.
+    ``... fusemux ... serve <target>`` or ``fusemux CONFIG <target> -o OPTIONS`` (mount(8)).
     """
     me = _ancestors(os.getpid())  # a sudo or shell wrapper of ours has the same args
     candidates: list[int] = []
@@ -118,8 +118,8 @@ def _serving_pid(target: str, state_dir: Path) -> int | None:
         except OSError:
             continue
         text = [os.fsdecode(a) for a in args if a]
-        if "serve" not in text or not any("fusemux" in a for a in text):
-            continue
+        if not any("fusemux" in a for a in text) or not ("serve" in text or "-o" in text):
+            continue  # neither ``fusemux serve`` nor the mount-helper form (mounthelper.py)
         if any(os.path.normpath(os.path.join(cwd, a)) == target for a in text):
             return pid
     return None

@@ -75,6 +75,9 @@ class Daemon:
         self.exports: dict[str, dict[str, Any]] = {}
         self.allowed_warnings: list[str] = []
         self.allowed_errors: list[str] = []  # ERROR lines a test provokes on purpose
+        # How to run fusemux (a test of the installed wheel runs its venv's command), and where.
+        self.command: list[str] = [sys.executable, "-m", "fusemux"]
+        self.cwd: Path | None = None
         self.mnt.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -132,8 +135,9 @@ class Daemon:
         starts = self.serving_lines()
         log = open(self.log_path, "ab")  # handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fusemux", "serve", str(self.mnt), "--config"]
+            [*self.command, "serve", str(self.mnt), "--config"]
             + [str(self.config_path), *(["-v"] if verbose else []), *extra],
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

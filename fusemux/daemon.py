@@ -222,7 +222,13 @@ async def _reload(fs: FileSystem, path: str) -> None:
             new.state_dir,
         )
         return
+    startup_only = [
+        key
+        for key in ("metrics_listen", "log_format")
+        if getattr(new, key) != getattr(fs.config, key)
+    ]
     changes = fs.reload(new)
+    changes += [f"{key}: changed; applied at the next start" for key in startup_only]
     log.info(
         "SIGHUP: reloaded %s (%d export(s))%s",
         path,

@@ -158,6 +158,14 @@ def test_metrics_scraped_by_prometheus(daemon: Daemon, tmp_path: Path) -> None:
                 return prom.value('fusemux_export_open_volumes{export="good"}') == 2
 
             wait_for(scraped, 60, "a scrape with both volumes open")
+            for expr in (
+                'fusemux_export_open_volumes{export="good"}',
+                'fusemux_export_mounts_total{export="good"}',
+                'fusemux_export_mount_failures_total{export="bad"}',
+                'fusemux_requests_total{op="open"}',
+                'fusemux_export_health{export="good",health="ok"}',
+            ):
+                print("prometheus:", expr, "=", prom.query(expr))
             assert prom.value('up{job="fusemux"}') == 1
             assert prom.value('fusemux_export_open_handles{export="good"}') == 2
             assert prom.value('fusemux_export_holders{export="good"}') == 2

@@ -106,3 +106,18 @@ def test_installed_demo(venv: Path, tmp_path: Path) -> None:
             if m.mountpoint.startswith(str(demo) + "/"):
                 with contextlib.suppress(OSError):
                     umount2(m.mountpoint, MNT_DETACH)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_unit_file_verifies(venv: Path, tmp_path: Path) -> None:
+    """contrib/fusemux.service passes ``systemd-analyze verify`` (its ExecStart pointed at
+    the installed command, since /usr/local/bin/fusemux does not exist on a test host)."""
+    text = (REPO / "contrib/fusemux.service").read_text()
+    assert "ExecStart=/usr/local/bin/fusemux serve " in text
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "TimeoutStopSec="):
+        assert f"\n{line}" in text, line
+    assert "ExecStartPost" not in text
+    unit = tmp_path / "fusemux.service"
+    unit.write_text(text.replace("/usr/local/bin/fusemux", str(venv / "fusemux")))
+    result = run("systemd-analyze", "verify", unit, check=False)
+    assert result.returncode == 0 and result.stderr == "", result

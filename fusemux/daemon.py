@@ -198,6 +198,7 @@ class Options:
     notifier: Notifier = field(default_factory=lambda: Notifier({}))  # systemd, if any
     # Called once the mount answers (the parent of a daemonized serve waits for it).
     on_ready: Callable[[], None] | None = None
+    failure: str = ""  # why the daemon stopped on its own before it was ready
 
 
 async def _reload(fs: FileSystem, path: str) -> None:
@@ -293,7 +294,9 @@ def _status(fs: FileSystem) -> str:
     return line + (f"; not ok: {', '.join(sick)}" if sick else "")
 
 
-async def _announce_ready(fs: FileSystem, mountpoint: str, options: Options) -> None:
+async def _announce_ready(
+    fs: FileSystem, mountpoint: str, options: Options, terminate: Callable[[], None]
+) -> None:
     """Tell systemd (READY=1) and a waiting parent that the mount answers, then keep STATUS=
     fresh. The mount answers once its own stat of ``volumes`` returns: the stat runs in a
     thread while the event loop serves it."""
@@ -301,7 +304,9 @@ async def _announce_ready(fs: FileSystem, mountpoint: str, options: Options) -> 
     with trio.move_on_after(READY_TIMEOUT) as waited:
         await trio.to_thread.run_sync(os.stat, volumes, abandon_on_cancel=True)
     if waited.cancelled_caught:
-        log.error("the mount at %s did not answer within %gs; not ready", mountpoint, READY_TIMEOUT)
+        options.failure = f"the mount at {mountpoint} did not answer within {READY_TIMEOUT:g}s"
+        log.error("%s; stopping", options.failure)
+        terminate()
         return
     log.info("the mount at %s answers", mountpoint)
     options.notifier.ready(_status(fs))
@@ -352,7 +357,7 @@ async def _serve(
             config.state_dir,
             config.linger,
         )
-        nursery.start_soon(_announce_ready, fs, mountpoint, options)
+        nursery.start_soon(_announce_ready, fs, mountpoint, options, engine.terminate)
         if options.notifier.watchdog_interval > 0:
             nursery.start_soon(_watchdog, options.notifier)
         try:
@@ -419,6 +424,8 @@ def run(
             pid_file.write_text(f"{os.getpid()} {mountpoint}\n")
         try:
             trio.run(_serve, config, mountpoint, SystemMounter(), options, metrics_sock)
+            if options.failure:
+                raise StartupError(options.failure)
         finally:
             with contextlib.suppress(OSError):
                 if pid_file.read_text().split()[0] == str(os.getpid()):

@@ -36,7 +36,7 @@ IGNORED = frozenset(
     {"defaults", "rw", "dev", "suid", "exec", "auto", "noauto", "nouser", "async", "_netdev"}
     | {"nofail", "relatime", "atime"}
 )
-IGNORED_PREFIXES = ("x-", "comment=")
+IGNORED_PREFIXES = ("x-", "comment=", "subtype=", "fsname=")
 # fusemux's own options.
 OWN = ("force", "verbose", "log=FILE")
 
@@ -111,7 +111,8 @@ def parse(argv: list[str]) -> HelperArgs:
     if unknown:
         raise UsageError(
             f"unknown mount option(s) {', '.join(map(repr, unknown))}; fusemux takes "
-            f"{', '.join(OWN)} and ignores {', '.join(sorted(IGNORED))}, x-* and comment="
+            f"{', '.join(OWN)} and ignores {', '.join(sorted(IGNORED))}, "
+            "x-*, comment=, subtype= and fsname="
         )
     return args
 

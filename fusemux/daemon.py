@@ -271,6 +271,7 @@ async def _watch_signals(
                     name,
                     len(users),
                     "; ".join(users),
+                    extra={"op": "stop"},
                 )
                 continue
             log.info("received %s, shutting down", name)

@@ -321,6 +321,7 @@ async def test_open_on_a_failing_export(
     calls = len(env.fake.mount_calls)
     assert await errno_raised(env.fs.open(ino, os.O_RDWR, ME)) == errno.ETIMEDOUT
     assert len(env.fake.mount_calls) == calls
+    assert export.mount_failures == {"ETIMEDOUT": 1}  # fusemux_export_mount_failures_total
     monkeypatch.setattr(export, "retry_at", 0.0)  # the backoff has passed
     reply = await env.fs.open(ino, os.O_RDWR, ME)  # retried
     assert export.mounted and export.holders == 1

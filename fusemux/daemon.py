@@ -2,18 +2,25 @@
 
 Order of events::
 
-    checks (mountpoint; a stale FUSE mount of a dead daemon is detached; leftover backing
-    mounts of removed exports are unmounted) -> RLIMIT_NOFILE, PR_SET_IO_FLUSHER, pid file
+    checks (mountpoint; a stale FUSE mount of a dead daemon is detached) -> the
+    metrics_listen socket is bound (in use: exit 2, nothing touched) -> leftover backing
+    mounts of removed exports are unmounted -> RLIMIT_NOFILE, PR_SET_IO_FLUSHER, pid file
     -> FUSE session init (mount appears)
-    -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core);
-       backing mounts of configured exports left by a dead daemon are adopted
+    -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core),
+       health checks, the metrics endpoint; backing mounts of configured exports left by a
+       dead daemon are adopted
+    -> the mount answers its own stat of volumes/: READY=1 to systemd, "ready" to a waiting
+       mount-helper parent; then STATUS= every 5 s and WATCHDOG=1 from the event loop
     -> SIGHUP: reload the config (a bad one is rejected whole)
     -> SIGTERM/SIGINT: stop, unless volumes are open: then refuse, log who holds what and
        keep serving; a second signal (or ``--force``) stops anyway
-    -> warn about open volumes -> close the FUSE session (unmount; no new requests)
+    -> STOPPING=1 -> warn about open volumes -> close the FUSE session (unmount; no new
+       requests)
     -> close backing fds -> unmount backing mounts -> exit 0
 
-Concurrency: everything runs in the trio thread; the core offloads blocking calls.
+Concurrency: everything runs in the trio thread (metrics scrapes too); the core offloads
+blocking calls, and the readiness stat of the daemon's own mount runs in a worker thread
+while the event loop serves it.
 """
 
 from __future__ import annotations

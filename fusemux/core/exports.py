@@ -37,7 +37,6 @@ Concurrency rules (trio, single thread):
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -379,6 +378,7 @@ class ExportManager:
             self._failed(export, e.message, e.errno)
             raise
         except OSError as e:
+            metrics.mount_done(export.name, trio.current_time() - started, ok=False)
             message = f"cannot prepare {export.target}: {e.strerror}"
             self._failed(export, message, e.errno or MountError.errno)
             raise MountError(message, e.errno) from None
@@ -409,7 +409,7 @@ class ExportManager:
         export.state = State.FAILED
         export.last_error = f"mount failed: {message}"
         export.last_errno = err
-        reason = errno.errorcode.get(err, str(err))
+        reason = errname(err)
         export.mount_failures[reason] = export.mount_failures.get(reason, 0) + 1
         backoff = min(MOUNT_BACKOFF_MIN * 2**export.failures, MOUNT_BACKOFF_MAX)
         export.failures += 1

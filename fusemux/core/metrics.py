@@ -13,7 +13,8 @@ Three kinds of series:
 * the core's state, read when scraped by :class:`CoreCollector`: per export its state,
   health, holders, open volumes, backing calls in flight, mounts, mount failures by errno and
   io_timeouts; mappings by kind; the engine's :class:`~fusemux.core.api.EngineStatistics`;
-* the process (``process_*``: CPU, memory, file descriptors), from prometheus_client.
+* the process (``fusemux_process_*``: CPU, memory, file descriptors), from prometheus_client
+  (named with the ``fusemux_`` prefix like every other series).
 
 Concurrency: everything runs in the trio thread. The instruments are thread-safe anyway; the
 collector reads the live (mutable) state of the core, which is safe only because a scrape
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 # One registry for the daemon (not prometheus_client's global one, which tests share).
 REGISTRY = CollectorRegistry()
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call] # no *_created series: they only add noise
-prometheus_client.ProcessCollector(registry=REGISTRY)
+prometheus_client.ProcessCollector(namespace="fusemux", registry=REGISTRY)
 
 REQUESTS = Counter("fusemux_requests", "FUSE requests served, by opcode", ["op"], registry=REGISTRY)
 REQUEST_SECONDS = Histogram(

@@ -195,7 +195,7 @@ def test_metrics_scraped_by_prometheus(daemon: Daemon, tmp_path: Path) -> None:
             assert prom.value('fusemux_mappings{kind="loop"}') == 0
             assert prom.value(f'fusemux_info{{engine="{daemon.engine}"}}') == 1
             assert prom.value('fusemux_engine_events_total{event="OPEN"}') is not None
-            assert prom.value("process_open_fds") is not None
+            assert (prom.value("fusemux_process_open_fds") or 0) > 0
     # After the last close: the export unmounts and a later scrape shows it.
     daemon.wait_unmounted("good")
     text = http_get(endpoint)
@@ -268,3 +268,20 @@ def test_metrics_listen_in_use_or_bad(daemon: Daemon, tmp_path: Path) -> None:
             )
             assert reason in result.stderr, result.stderr
     assert mounted_at(daemon.mnt) == []
+
+
+def test_every_series_is_named_fusemux(daemon: Daemon) -> None:
+    """The contract: every metric name starts with fusemux_, and every per-export series
+    carries the export label."""
+    port = free_port()
+    daemon.add_bind_export("good", {"a": VOL})
+    daemon.write_config(linger=0, metrics_listen=f"127.0.0.1:{port}")
+    daemon.start()
+    with open(daemon.volume("good", "a"), "rb") as f:
+        assert f.read() == VOL
+        text = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+    names = {line.split("{")[0].split()[0] for line in text.splitlines() if line[:1] not in "#"}
+    assert names and all(n.startswith("fusemux_") for n in names), sorted(names)
+    for line in text.splitlines():
+        if line.startswith("fusemux_export_"):
+            assert 'export="good"' in line, line

@@ -21,19 +21,16 @@ import threading
 import time
 from typing import Any
 
-from fusemux import __version__
+from fusemux import __version__, logfmt
 from fusemux.config import Config, ConfigError, load_config
 
 PREFIX = "user.fusemux."
+COMMANDS = ("serve", "mount", "unmount", "status", "check", "map", "unmap", "demo")
 log = logging.getLogger("fusemux")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    logfmt.setup(verbose, fmt)
 
 
 def _load(path: str) -> Config | None:
@@ -64,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
+    _setup_logging(args.verbose, config.log_format)
     try:
         return run(
             config,
@@ -74,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except StartupError as e:
         print(f"fusemux: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
 
 
 def _getx(path: str, key: str) -> str:
@@ -170,21 +168,22 @@ def collect_status(mountpoint: str) -> dict[str, Any]:
 def _print_status(status: dict[str, Any]) -> None:
     engine = f", {status['engine']} engine" if status.get("engine") else ""
     print(f"fusemux {status['version']} (pid {status['pid']}{engine}) at {status['mountpoint']}")
-    rows = [("EXPORT", "STATE", "HOLDERS", "MOUNTS", "SOURCE", "LAST ERROR")]
+    rows = [("EXPORT", "STATE", "HEALTH", "HOLDERS", "MOUNTS", "SOURCE", "LAST ERROR")]
     for e in status["exports"]:
         rows.append(
             (
                 e["name"],
                 e.get("state", "?"),
+                e.get("health", "?"),
                 str(e.get("holders", "")),
                 str(e.get("mount_count", "")),
                 f"{e.get('fstype', '')}:{e.get('source', '')}",
                 e.get("last_error", "") or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=False)) + "  " + r[5])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=False)) + "  " + r[6])
     for e in status["exports"]:
         if e.get("backing_answers") is False:
             print(f"not answering: {e['name']} (its backing filesystem did not answer a statvfs)")
@@ -330,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from fusemux import mounthelper
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] not in COMMANDS and mounthelper.is_helper_form(argv):
+        return mounthelper.main(argv)  # CONFIG MOUNTPOINT -o OPTS: mount(8), fstab
+    args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:

@@ -13,6 +13,9 @@ TOML keys (unknown keys are errors)::
     kernel_passthrough = "auto"              # "auto" | "off" (own engine serves all I/O)
     shares_file = "/etc/cinder/nfs_shares"   # optional
     shares_fstype = "nfs"
+    metrics_listen = "127.0.0.1:9477"        # optional: Prometheus endpoint (or a unix
+                                             # socket path); unset means no endpoint
+    log_format = "text"                      # "text" | "json"
 
     [exports.NAME]
     source = "host:/path"
@@ -28,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -47,6 +52,10 @@ ENGINES = ("auto", "pyfuse3", "passthrough")
 # "off" makes it serve every read and write itself, as on a kernel without passthrough.
 KERNEL_PASSTHROUGH = ("auto", "off")
 
+LOG_FORMATS = ("text", "json")
+# sun_path is 108 bytes, NUL included.
+UNIX_PATH_MAX = 107
+
 TOP_KEYS = frozenset(
     {
         "state_dir",
@@ -58,6 +67,8 @@ TOP_KEYS = frozenset(
         "shares_file",
         "shares_fstype",
         "exports",
+        "metrics_listen",
+        "log_format",
     }
 )
 EXPORT_KEYS = frozenset({"source", "fstype", "options", "read_only", "io_timeout"})
@@ -94,6 +105,47 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class MetricsListen:
+    """Where the Prometheus endpoint listens: TCP *host*:*port*, or a unix socket *path*."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.path:
+            return self.path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(value: str) -> MetricsListen:
+    """``HOST:PORT`` (an IP literal, ``[v6]`` or ``localhost``) or an absolute socket path.
+
+    Raises ValueError with the reason. No name is resolved: startup must not wait for DNS.
+    """
+    if value.startswith("/"):
+        if "\0" in value or len(os.fsencode(value)) > UNIX_PATH_MAX:
+            raise ValueError(f"a unix socket path must be at most {UNIX_PATH_MAX} bytes, no NUL")
+        return MetricsListen(path=value)
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT such as '127.0.0.1:9477', or an absolute path")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, such as '[::1]:9477'")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"host {host!r} is not an IP address (or localhost)") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return MetricsListen(host=host, port=int(port_text))
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     linger: float = DEFAULT_LINGER
@@ -102,6 +154,8 @@ class Config:
     engine: str = "auto"
     kernel_passthrough: str = "auto"
     source_file: str = ""
+    metrics_listen: MetricsListen | None = None
+    log_format: str = "text"
 
     @property
     def mnt_dir(self) -> Path:
@@ -316,6 +370,24 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         )
         kernel_passthrough = "auto"
 
+    metrics_listen: MetricsListen | None = None
+    if "metrics_listen" in data:
+        value = data["metrics_listen"]
+        if not isinstance(value, str):
+            err(
+                "metrics_listen must be a string: HOST:PORT or a unix socket path", "metrics_listen"
+            )
+        else:
+            try:
+                metrics_listen = parse_listen(value)
+            except ValueError as e:
+                err(f"metrics_listen {value!r}: {e}", "metrics_listen")
+
+    log_format = data.get("log_format", "text")
+    if log_format not in LOG_FORMATS:
+        err(f"log_format must be one of {', '.join(map(repr, LOG_FORMATS))}", "log_format")
+        log_format = "text"
+
     shares_fstype = data.get("shares_fstype", DEFAULT_FSTYPE)
     if not isinstance(shares_fstype, str) or not _FSTYPE_RE.fullmatch(shares_fstype):
         err("shares_fstype must be a filesystem type name such as 'nfs'", "shares_fstype")
@@ -370,6 +442,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         source_file=str(path),
         engine=str(engine),
         kernel_passthrough=str(kernel_passthrough),
+        metrics_listen=metrics_listen,
+        log_format=str(log_format),
     )
 
 

@@ -2,18 +2,25 @@
 
 Order of events::
 
-    checks (mountpoint; a stale FUSE mount of a dead daemon is detached; leftover backing
-    mounts of removed exports are unmounted) -> RLIMIT_NOFILE, PR_SET_IO_FLUSHER, pid file
+    checks (mountpoint; a stale FUSE mount of a dead daemon is detached) -> the
+    metrics_listen socket is bound (in use: exit 2, nothing touched) -> leftover backing
+    mounts of removed exports are unmounted -> RLIMIT_NOFILE, PR_SET_IO_FLUSHER, pid file
     -> FUSE session init (mount appears)
-    -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core);
-       backing mounts of configured exports left by a dead daemon are adopted
+    -> nursery: signal watcher + engine main loop (+ linger/unmount tasks of the core),
+       health checks, the metrics endpoint; backing mounts of configured exports left by a
+       dead daemon are adopted
+    -> the mount answers its own stat of volumes/: READY=1 to systemd, "ready" to a waiting
+       mount-helper parent; then STATUS= every 5 s and WATCHDOG=1 from the event loop
     -> SIGHUP: reload the config (a bad one is rejected whole)
     -> SIGTERM/SIGINT: stop, unless volumes are open: then refuse, log who holds what and
        keep serving; a second signal (or ``--force``) stops anyway
-    -> warn about open volumes -> close the FUSE session (unmount; no new requests)
+    -> STOPPING=1 -> warn about open volumes -> close the FUSE session (unmount; no new
+       requests)
     -> close backing fds -> unmount backing mounts -> exit 0
 
-Concurrency: everything runs in the trio thread; the core offloads blocking calls.
+Concurrency: everything runs in the trio thread (metrics scrapes too); the core offloads
+blocking calls, and the readiness stat of the daemon's own mount runs in a worker thread
+while the event loop serves it.
 """
 
 from __future__ import annotations
@@ -23,18 +30,22 @@ import logging
 import os
 import resource
 import signal
+import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from fusemux import libc
 from fusemux.config import Config, ConfigError, load_config
+from fusemux.core import metrics
+from fusemux.core.exports import Health, State
 from fusemux.core.fs import FileSystem
 from fusemux.core.mappings import cleanup_leftover_mappings
 from fusemux.core.mounter import MNT_DETACH, Mounter, SystemMounter, read_mountinfo, umount2
+from fusemux.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 FUSE_FSTYPE = "fuse.fusemux"
@@ -47,7 +58,15 @@ WANT_NOFILE = 1 << 20
 
 
 class StartupError(Exception):
-    """An expected reason not to start, reported without a traceback."""
+    """An expected reason not to start, reported without a traceback.
+
+    *exit_code* is 1, or 2 for a configured setting that cannot be used (``metrics_listen``
+    in use): the exit codes of ``fusemux serve``.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _set_io_flusher() -> None:
@@ -90,7 +109,7 @@ def _serving_pid(target: str, state_dir: Path) -> int | None:
     """The PID of a live fusemux daemon serving *target*, if any (never touches the mount).
 
     The pid file of this state_dir is asked first, then every process whose command line is
-    ``... fusemux ... serve <target>``.
+    ``... fusemux ... serve <target>`` or ``fusemux CONFIG <target> -o OPTIONS`` (mount(8)).
     """
     me = _ancestors(os.getpid())  # a sudo or shell wrapper of ours has the same args
     candidates: list[int] = []
@@ -106,8 +125,8 @@ def _serving_pid(target: str, state_dir: Path) -> int | None:
         except OSError:
             continue
         text = [os.fsdecode(a) for a in args if a]
-        if "serve" not in text or not any("fusemux" in a for a in text):
-            continue
+        if not any("fusemux" in a for a in text) or not ("serve" in text or "-o" in text):
+            continue  # neither ``fusemux serve`` nor the mount-helper form (mounthelper.py)
         if any(os.path.normpath(os.path.join(cwd, a)) == target for a in text):
             return pid
     return None
@@ -183,6 +202,10 @@ class Options:
     debug_fuse: bool = False
     force: bool = False  # SIGTERM stops at once even with volumes open
     config_path: str = ""  # re-read on SIGHUP
+    notifier: Notifier = field(default_factory=lambda: Notifier({}))  # systemd, if any
+    # Called once the mount answers (the parent of a daemonized serve waits for it).
+    on_ready: Callable[[], None] | None = None
+    failure: str = ""  # why the daemon stopped on its own before it was ready
 
 
 async def _reload(fs: FileSystem, path: str) -> None:
@@ -207,7 +230,13 @@ async def _reload(fs: FileSystem, path: str) -> None:
             new.state_dir,
         )
         return
+    startup_only = [
+        key
+        for key in ("metrics_listen", "log_format")
+        if getattr(new, key) != getattr(fs.config, key)
+    ]
     changes = fs.reload(new)
+    changes += [f"{key}: changed; applied at the next start" for key in startup_only]
     log.info(
         "SIGHUP: reloaded %s (%d export(s))%s",
         path,
@@ -242,20 +271,74 @@ async def _watch_signals(
             ]
             if users and not options.force and not refused:
                 refused = True
+                options.notifier.status(f"stop refused: {len(users)} in use; {_status(fs)}")
                 log.warning(
                     "received %s with %d open volume(s) or mapping(s) in use; NOT stopping "
                     "(send the signal again, or run serve with --force, to stop anyway): %s",
                     name,
                     len(users),
                     "; ".join(users),
+                    extra={"op": "stop"},
                 )
                 continue
             log.info("received %s, shutting down", name)
+            options.notifier.stopping(f"stopping ({name})")
             terminate()
             return
 
 
-async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Options) -> None:
+# How often STATUS= is refreshed for systemctl status.
+STATUS_INTERVAL = 5.0
+# How long the mount may take to answer its own first stat before startup is abandoned.
+READY_TIMEOUT = 30.0
+
+
+def _status(fs: FileSystem) -> str:
+    """One line for systemd's STATUS=: exports, mounted ones, open volumes, unhealthy ones."""
+    exports = list(fs.exports.exports.values())
+    mounted = sum(e.state is State.MOUNTED for e in exports)
+    sick = [e.name for e in exports if e.health is not Health.OK]
+    line = f"{len(exports)} export(s), {mounted} mounted, {len(fs.open_volumes())} open volume(s)"
+    return line + (f"; not ok: {', '.join(sick)}" if sick else "")
+
+
+async def _announce_ready(
+    fs: FileSystem, mountpoint: str, options: Options, terminate: Callable[[], None]
+) -> None:
+    """Tell systemd (READY=1) and a waiting parent that the mount answers, then keep STATUS=
+    fresh. The mount answers once its own stat of ``volumes`` returns: the stat runs in a
+    thread while the event loop serves it."""
+    volumes = os.path.join(mountpoint, "volumes")
+    with trio.move_on_after(READY_TIMEOUT) as waited:
+        await trio.to_thread.run_sync(os.stat, volumes, abandon_on_cancel=True)
+    if waited.cancelled_caught:
+        options.failure = f"the mount at {mountpoint} did not answer within {READY_TIMEOUT:g}s"
+        log.error("%s; stopping", options.failure)
+        terminate()
+        return
+    log.info("the mount at %s answers", mountpoint)
+    options.notifier.ready(_status(fs))
+    if options.on_ready is not None:
+        options.on_ready()
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        options.notifier.status(_status(fs))
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself: a wedged loop stops sending it."""
+    while True:
+        notifier.watchdog()
+        await trio.sleep(notifier.watchdog_interval)
+
+
+async def _serve(
+    config: Config,
+    mountpoint: str,
+    mounter: Mounter,
+    options: Options,
+    metrics_sock: socket.socket | None = None,
+) -> None:
     from fusemux import engines
     from fusemux.engines.kernel import EngineError
 
@@ -281,6 +364,10 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
     async with trio.open_nursery() as nursery:
         fs.bind(nursery)
         await nursery.start(_watch_signals, fs, options, engine.terminate)
+        nursery.start_soon(fs.health.run)
+        if metrics_sock is not None:
+            await nursery.start(metrics.serve, metrics_sock, fs)
+            log.info("metrics at %s/metrics", config.metrics_listen)
         log.info(
             "serving %d export(s) at %s (state_dir %s, linger %gs)",
             len(config.exports),
@@ -288,10 +375,14 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
             config.state_dir,
             config.linger,
         )
+        nursery.start_soon(_announce_ready, fs, mountpoint, options, engine.terminate)
+        if options.notifier.watchdog_interval > 0:
+            nursery.start_soon(_watchdog, options.notifier)
         try:
             await engine.serve()
             log.info("FUSE session ended")
         finally:
+            options.notifier.stopping()
             open_now = fs.open_volumes()
             if open_now:
                 log.warning(
@@ -306,17 +397,7 @@ async def _serve(config: Config, mountpoint: str, mounter: Mounter, options: Opt
             nursery.cancel_scope.cancel()
 
 
-def run(
-    config: Config,
-    mountpoint: str,
-    debug_fuse: bool = False,
-    force: bool = False,
-    config_path: str = "",
-) -> int:
-    """Serve *config* at *mountpoint* until SIGTERM/SIGINT or an external unmount."""
-    mountpoint = os.path.abspath(mountpoint)
-    options = Options(debug_fuse=debug_fuse, force=force, config_path=config_path)
-    check_mountpoint(mountpoint, config.state_dir)
+def _prepare(config: Config) -> None:
     try:
         Path(config.mnt_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
@@ -325,14 +406,51 @@ def run(
     clear_stale_backing_mounts(config)
     _set_io_flusher()
     _raise_nofile()
-    pid_file = config.state_dir / PID_FILE
-    with contextlib.suppress(OSError):
-        pid_file.write_text(f"{os.getpid()} {mountpoint}\n")
+
+
+def run(
+    config: Config,
+    mountpoint: str,
+    debug_fuse: bool = False,
+    force: bool = False,
+    config_path: str = "",
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve *config* at *mountpoint* until SIGTERM/SIGINT or an external unmount.
+
+    *on_ready* is called once the mount answers (after systemd's READY=1, if under systemd).
+    """
+    mountpoint = os.path.abspath(mountpoint)
+    options = Options(
+        debug_fuse=debug_fuse,
+        force=force,
+        config_path=config_path,
+        notifier=Notifier(),
+        on_ready=on_ready,
+    )
+    check_mountpoint(mountpoint, config.state_dir)
+    metrics_sock = None
+    if config.metrics_listen is not None:
+        try:  # before anything is touched: an address in use stops the start
+            metrics_sock = metrics.bind(config.metrics_listen)
+        except metrics.ListenError as e:
+            raise StartupError(str(e), exit_code=2) from None
     try:
-        trio.run(_serve, config, mountpoint, SystemMounter(), options)
-    finally:
+        _prepare(config)
+        pid_file = config.state_dir / PID_FILE
         with contextlib.suppress(OSError):
-            if pid_file.read_text().split()[0] == str(os.getpid()):
-                pid_file.unlink()
+            pid_file.write_text(f"{os.getpid()} {mountpoint}\n")
+        try:
+            trio.run(_serve, config, mountpoint, SystemMounter(), options, metrics_sock)
+            if options.failure:
+                raise StartupError(options.failure)
+        finally:
+            with contextlib.suppress(OSError):
+                if pid_file.read_text().split()[0] == str(os.getpid()):
+                    pid_file.unlink()
+    finally:
+        options.notifier.close()
+        if metrics_sock is not None and config.metrics_listen is not None:
+            metrics.close(metrics_sock, config.metrics_listen)
     log.info("stopped cleanly")
     return 0

@@ -174,11 +174,13 @@ def reply_errno(exc: BaseException, op: str, log: logging.Logger) -> int:
     every request: an expected failure (a :class:`FusemuxError`, an ``OSError`` from a
     backing syscall) at DEBUG, anything else with its traceback at ERROR and EIO.
     """
+    err = errno_of(exc)
+    extra = {"op": op.lower(), "errno": errno.errorcode.get(err, str(err))}
     if isinstance(exc, FusemuxError):
-        log.debug("%s: %s (errno %d)", op, exc.message, exc.errno)
+        log.debug("%s: %s (errno %d)", op, exc.message, exc.errno, extra=extra)
         return exc.errno
     if isinstance(exc, OSError):
-        log.debug("%s: %s", op, exc)
-        return errno_of(exc)
-    log.error("unexpected error in %s", op, exc_info=exc)
+        log.debug("%s: %s", op, exc, extra=extra)
+        return err
+    log.error("unexpected error in %s", op, exc_info=exc, extra=extra)
     return errno.EIO

@@ -18,6 +18,7 @@ APT_PACKAGES=(
 )
 
 APT_TAG=setup bash scripts/apt-install.sh "${APT_PACKAGES[@]}"
+NO_SERVICES=1 APT_TAG=setup bash scripts/apt-install.sh prometheus  # tests/mount/test_metrics.py
 
 # The system Python (Debian 12: 3.11, 13: 3.13) has venv and headers once the packages above
 # are in.

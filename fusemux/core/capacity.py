@@ -17,7 +17,9 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -39,6 +41,9 @@ class StatvfsProbe:
     done: trio.Event = field(default_factory=trio.Event)
     result: os.statvfs_result | None = None
     overdue: bool = False  # a caller gave up on it; later callers do not wait for it
+    started: float = 0.0  # trio time the probe was started
+    seconds: float = 0.0  # how long the statvfs call itself took, in its thread
+    error: OSError | None = None  # what it failed with, if it did
 
 
 class Capacity:
@@ -113,11 +118,7 @@ class Capacity:
         async with self.exports.hold_if_mounted(name) as export:
             if export is None:
                 return None
-            probe: StatvfsProbe | None = export.statvfs_probe
-            if probe is None:
-                probe = export.statvfs_probe = StatvfsProbe()
-                assert self.exports.nursery is not None
-                self.exports.nursery.start_soon(self._run_statvfs, export, probe)
+            probe = self.probe(export)
             if probe.overdue:
                 return None  # it already timed out for someone: do not wait again
             with trio.move_on_after(STATVFS_TIMEOUT):
@@ -128,13 +129,35 @@ class Capacity:
                 log.warning("export %s: statvfs timed out", export.name)
             return None
 
+    def probe(self, export: Export) -> StatvfsProbe:
+        """The statvfs probe of a mounted *export* in flight, started now if there is none.
+
+        The caller holds the export (a peek hold is enough) while it calls this; it may wait
+        for ``probe.done`` afterwards without the hold, as an overdue probe goes on alone.
+        """
+        probe: StatvfsProbe | None = export.statvfs_probe
+        if probe is None:
+            probe = export.statvfs_probe = StatvfsProbe(started=trio.current_time())
+            assert self.exports.nursery is not None
+            self.exports.nursery.start_soon(self._run_statvfs, export, probe)
+        return probe
+
     async def _run_statvfs(self, export: Export, probe: StatvfsProbe) -> None:
+        def timed(path: Path) -> os.statvfs_result:
+            # Timed in the thread: waiting for a free worker thread is not the backend's fault.
+            t0 = time.monotonic()
+            try:
+                return os.statvfs(path)
+            finally:
+                probe.seconds = time.monotonic() - t0
+
         try:
             probe.result = await trio.to_thread.run_sync(
-                os.statvfs, export.target, limiter=export.limiter, abandon_on_cancel=True
+                timed, export.target, limiter=export.limiter, abandon_on_cancel=True
             )
         except OSError as e:
-            log.warning("export %s: statvfs failed: %s", export.name, e)
+            probe.error = e
+            log.debug("export %s: statvfs failed: %s", export.name, e)  # health.py reports it
         finally:
             probe.done.set()
             if export.statvfs_probe is probe:

@@ -38,6 +38,7 @@ from fusemux.errors import (
     XattrNotSupported,
     XattrReadOnly,
 )
+from fusemux.logfmt import errname, fields
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,13 @@ class AdminXattrs:
                 parse_unmap(value)
                 await self.mappings.unmap(node.export, node.name)
         except FusemuxError as e:
-            log.info("%s request for %s refused: %s", key, label, e.message)
+            log.info(
+                "%s request for %s refused: %s",
+                key,
+                label,
+                e.message,
+                extra=fields(export=node.export, volume=node.name, op=key, errno=errname(e.errno)),
+            )
             raise
 
     async def setxattr(self, ino: int, name: str, value: bytes, ctx: Ctx) -> None:
@@ -221,7 +228,12 @@ class AdminXattrs:
     async def _control(self, export: str, value: bytes, ctx: Ctx) -> None:
         """``user.fusemux.ctl`` on an export directory: ``mount`` pins, ``unmount`` unpins."""
         if ctx.uid != 0:
-            log.warning("export %s: ctl refused for uid %d (root only)", export, ctx.uid)
+            log.warning(
+                "export %s: ctl refused for uid %d (root only)",
+                export,
+                ctx.uid,
+                extra=fields(export=export, op="ctl", pid=ctx.pid, errno="EPERM"),
+            )
             raise NotPermitted(f"only root may control export {export}")
         try:
             command = value.decode("ascii").strip()
@@ -236,7 +248,7 @@ class AdminXattrs:
                 ", ".join(xattrs.CTL_COMMANDS),
             )
             raise InvalidRequest(f"unknown ctl value {shown!r}")
-        log.info("export %s: ctl %s", export, command)
+        log.info("export %s: ctl %s", export, command, extra=fields(export=export, op="ctl"))
         if command == "mount":
             await self.exports.pin(export)
         else:

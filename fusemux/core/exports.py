@@ -48,8 +48,10 @@ from typing import Any
 import trio
 
 from fusemux.config import Config, ExportConfig
+from fusemux.core import metrics
 from fusemux.core.mounter import MNT_DETACH, Mounter, is_mounted, umount2
 from fusemux.errors import Busy, FusemuxError, MountError, NotFound, ShuttingDown
+from fusemux.logfmt import errname, fields
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,14 @@ UNMOUNT_RETRY_MAX = 60.0
 # the backoff has passed (doubled per consecutive failure, capped).
 MOUNT_BACKOFF_MIN = 1.0
 MOUNT_BACKOFF_MAX = 10.0
+
+
+class Health(enum.StrEnum):
+    """How a mounted export's backing filesystem answers (core/health.py decides)."""
+
+    OK = "ok"
+    SLOW = "slow"  # statvfs answered, but took longer than health.HEALTH_SLOW
+    UNRESPONSIVE = "unresponsive"  # statvfs overdue, or failed (ENOTCONN, ESTALE, EIO)
 
 
 class State(enum.StrEnum):
@@ -92,6 +102,7 @@ class ExportSnapshot:
     pinned: bool = False
     retry_in: float = 0.0  # seconds until a failed export may be mounted again
     removed: bool = False  # dropped from the config; disappears once idle
+    health: Health = Health.OK
 
 
 @dataclass
@@ -132,6 +143,13 @@ class Export:
         self.hold: Callable[[], Callable[[], None]] = lambda: lambda: None
         self.saturated = False  # inflight hit the cap; new requests fail with EIO
         self.mount_attempt: MountAttempt | None = None  # a mount under way, if any
+        # For metrics (core/metrics.py): failed mounts by errno name, abandoned backing calls.
+        self.mount_failures: dict[str, int] = {}
+        self.io_timeouts = 0
+        # Set by core/health.py while mounted; reset to ok when unmounted.
+        self.health = Health.OK
+        self.health_error = ""  # what last_error shows while health is not ok
+        self.probe_seconds = 0.0  # duration of the last statvfs health probe
 
     @property
     def name(self) -> str:
@@ -152,12 +170,18 @@ class Export:
             state=self.state,
             holders=self.holders,
             mount_count=self.mount_count,
-            last_error=self.last_error,
+            last_error=self.last_error or self.health_error,
             target=self.target,
             pinned=self.pinned,
             retry_in=self._retry_in(),
             removed=self.removed,
+            health=self.health,
         )
+
+    def reset_health(self) -> None:
+        """Nothing to probe (not mounted): ok again, and no health error shown."""
+        self.health = Health.OK
+        self.health_error = ""
 
     def _retry_in(self) -> float:
         if self.state is not State.FAILED:
@@ -339,6 +363,7 @@ class ExportManager:
             log.info("export %s: applying its new configuration", export.name)
             export.config, export.next_config = export.next_config, None
         export.state = State.MOUNTING
+        started = trio.current_time()
         try:
             await trio.to_thread.run_sync(
                 lambda: os.makedirs(export.target, mode=0o700, exist_ok=True)
@@ -349,9 +374,11 @@ class ExportManager:
             else:
                 await self.mounter.mount(export.config, export.target, self.config.mount_timeout)
         except FusemuxError as e:
+            metrics.mount_done(export.name, trio.current_time() - started, ok=False)
             self._failed(export, e.message, e.errno)
             raise
         except OSError as e:
+            metrics.mount_done(export.name, trio.current_time() - started, ok=False)
             message = f"cannot prepare {export.target}: {e.strerror}"
             self._failed(export, message, e.errno or MountError.errno)
             raise MountError(message, e.errno) from None
@@ -361,19 +388,29 @@ class ExportManager:
             # and goes (see _run_attempt), shutdown() unmounts whatever is mounted.
             export.state = State.MOUNTED if is_mounted(export.target) else State.UNMOUNTED
             raise
+        metrics.mount_done(export.name, trio.current_time() - started, ok=True)
         export.attempts += 1
         export.state = State.MOUNTED
+        export.reset_health()
         export.mount_count += 1
         export.last_error = ""
         export.unmount_retry = UNMOUNT_RETRY_MIN
         export.failures = 0
-        log.info("export %s: mounted %s at %s", export.name, export.config.source, export.target)
+        log.info(
+            "export %s: mounted %s at %s",
+            export.name,
+            export.config.source,
+            export.target,
+            extra=fields(export=export.name, op="mount"),
+        )
 
     def _failed(self, export: Export, message: str, err: int) -> None:
         export.attempts += 1
         export.state = State.FAILED
         export.last_error = f"mount failed: {message}"
         export.last_errno = err
+        reason = errname(err)
+        export.mount_failures[reason] = export.mount_failures.get(reason, 0) + 1
         backoff = min(MOUNT_BACKOFF_MIN * 2**export.failures, MOUNT_BACKOFF_MAX)
         export.failures += 1
         export.retry_at = trio.current_time() + backoff
@@ -383,6 +420,7 @@ class ExportManager:
             export.config.source,
             message,
             backoff,
+            extra=fields(export=export.name, op="mount", errno=reason),
         )
 
     # -- unmounting --------------------------------------------------------------------
@@ -430,15 +468,25 @@ class ExportManager:
             retry = export.unmount_retry
             export.unmount_retry = min(retry * 2, UNMOUNT_RETRY_MAX)
             log.warning(
-                "export %s: unmount failed (%s); retrying in %gs", export.name, e.message, retry
+                "export %s: unmount failed (%s); retrying in %gs",
+                export.name,
+                e.message,
+                retry,
+                extra=fields(export=export.name, op="unmount", errno=errname(e.errno)),
             )
             if not self.closing:
                 self._schedule_unmount(export, retry)
             return False
         export.state = State.UNMOUNTED
+        export.reset_health()
         export.last_error = ""
         export.unmount_retry = UNMOUNT_RETRY_MIN
-        log.info("export %s: unmounted %s", export.name, export.target)
+        log.info(
+            "export %s: unmounted %s",
+            export.name,
+            export.target,
+            extra=fields(export=export.name, op="unmount"),
+        )
         return True
 
     # -- a backing mount that vanished -----------------------------------------------------
@@ -480,7 +528,7 @@ class ExportManager:
             self._drop(export)  # already pinned: give back the holder we just took
         else:
             export.pinned = True
-            log.info("export %s: pinned by the admin", export.name)
+            log.info("export %s: pinned by the admin", export.name, extra=fields(export=name))
         return export
 
     async def unpin(self, name: str) -> None:
@@ -497,7 +545,7 @@ class ExportManager:
             if export.pinned:
                 export.pinned = False
                 export.holders -= 1
-                log.info("export %s: unpinned by the admin", export.name)
+                log.info("export %s: unpinned by the admin", export.name, extra=fields(export=name))
             self._cancel_linger(export)
             if export.state is State.MOUNTED and not self.closing:
                 with trio.CancelScope(shield=True):

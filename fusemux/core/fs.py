@@ -55,6 +55,7 @@ from fusemux.core.capacity import Capacity
 from fusemux.core.control import AdminXattrs, xattr_refusal
 from fusemux.core.exports import Export, ExportManager
 from fusemux.core.handles import DirHandle, Handle, HandleTable
+from fusemux.core.health import HealthMonitor
 from fusemux.core.images import ImageCache
 from fusemux.core.locks import LockManager
 from fusemux.core.mappings import MappingManager
@@ -66,7 +67,9 @@ from fusemux.errors import (
     NamespaceReadOnly,
     NotFound,
     ReadOnlyExport,
+    errno_of,
 )
+from fusemux.logfmt import errname, fields
 
 __all__ = ["Attr", "Ctx", "DirEntry", "FileSystem", "OpenReply", "SetAttr", "StatFs"]
 
@@ -99,6 +102,7 @@ class FileSystem:
         self.images = ImageCache()
         self.mappings = MappingManager(config, self.exports, self.images)
         self.capacity = Capacity(self.exports, self.namespace)
+        self.health = HealthMonitor(self.exports, self.capacity)  # the daemon runs it
         self.admin = AdminXattrs(
             self.namespace,
             self.exports,
@@ -310,7 +314,15 @@ class FileSystem:
             opener_pid=pid,
             opener_comm=comm,
         )
-        log.debug("open %s/%s fh=%d by %d:%s", node.export, node.name, fh, pid, comm)
+        log.debug(
+            "open %s/%s fh=%d by %d:%s",
+            node.export,
+            node.name,
+            fh,
+            pid,
+            comm,
+            extra=fields(export=node.export, volume=node.name, op="open", pid=pid, comm=comm),
+        )
         # O_DIRECT opens get direct_io replies, so the kernel's page cache is bypassed too.
         # An export with io_timeout is promised that no I/O waits longer than that; only I/O
         # that reaches fusemux can keep the promise, so its fd is not offered for kernel
@@ -395,10 +407,19 @@ class FileSystem:
         handle = self.handles.files.pop(fh, None)
         if handle is None:
             return
+        what = fields(
+            export=handle.export.name,
+            volume=handle.name,
+            op="release",
+            pid=handle.opener_pid,
+            comm=handle.opener_comm,
+        )
+        log.debug("release %s/%s fh=%d", handle.export.name, handle.name, fh, extra=what)
         try:
             await self._io(handle.export, hio.close, handle)
         except (OSError, FusemuxError) as e:
-            log.warning("close of %s/%s failed: %s", handle.export.name, handle.name, e)
+            what["errno"] = errname(errno_of(e))
+            log.warning("close of %s/%s failed: %s", handle.export.name, handle.name, e, extra=what)
         finally:
             self.exports.release(handle.export)
 

@@ -222,6 +222,9 @@ async def run(export: Export, fn: Callable[..., T], *args: Any, abandonable: boo
         return await for_export(export).run(
             fn, *args, timeout=timeout, on_abandon=export.hold, abandonable=abandonable
         )
+    except IoTimeout:
+        export.io_timeouts += 1
+        raise
     finally:
         export.inflight -= 1
         if export.saturated and export.inflight < MAX_INFLIGHT_PER_EXPORT // 2:

@@ -36,6 +36,7 @@ EXPORT_KEYS = (
     "retry_in",
     "removed",
     "mapped_volumes",
+    "health",
     "status_json",
 )
 VOLUME_KEYS = (
@@ -103,6 +104,7 @@ def render_export(
         "retry_in": f"{snapshot.retry_in:.1f}" if snapshot.retry_in > 0 else "0",
         "removed": "1" if snapshot.removed else "0",
         "mapped_volumes": ",".join(sorted(mapped_volumes or [])),
+        "health": snapshot.health.value,
     }
 
 

@@ -20,6 +20,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
+from fusemux.core import metrics
 from fusemux.core.api import Attr, Ctx, EngineStatistics, SetAttr
 from fusemux.core.fs import FileSystem
 from fusemux.errors import reply_errno
@@ -41,12 +42,15 @@ def _errors(
 
     async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self.stats[op] += 1
+        started = metrics.now()
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
             raise pyfuse3.FUSEError(reply_errno(e, fn.__name__, log)) from None
+        finally:
+            metrics.request_done(op, started)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

@@ -321,6 +321,7 @@ async def test_open_on_a_failing_export(
     calls = len(env.fake.mount_calls)
     assert await errno_raised(env.fs.open(ino, os.O_RDWR, ME)) == errno.ETIMEDOUT
     assert len(env.fake.mount_calls) == calls
+    assert export.mount_failures == {"ETIMEDOUT": 1}  # fusemux_export_mount_failures_total
     monkeypatch.setattr(export, "retry_at", 0.0)  # the backoff has passed
     reply = await env.fs.open(ino, os.O_RDWR, ME)  # retried
     assert export.mounted and export.holders == 1
@@ -531,6 +532,7 @@ EXPORT_KEYS = [
     "retry_in",
     "removed",
     "mapped_volumes",
+    "health",
     "status_json",
 ]
 VOLUME_KEYS = [
@@ -611,6 +613,7 @@ async def test_export_xattrs_while_unmounted_never_mount(env: Env) -> None:
         "retry_in": "0",
         "removed": "0",
         "mapped_volumes": "",
+        "health": "ok",
         "status_json": '{"locks": 0, "mappings": {}, "open": {}}',
     }
     for key in ("capacity", "free"):
@@ -1036,3 +1039,94 @@ async def test_readdir_of_many_volumes_comes_in_batches(env: Env) -> None:
     assert calls > 600 // fs_mod.READDIR_BATCH
     assert len(seen) == len(set(seen))
     assert set(seen) == {f"vol-{i:04d}" for i in range(600)} | {"vm1.raw", "vm2.qcow2", "vm3.img"}
+
+
+# -- health and metrics (issue 14) -----------------------------------------------------------
+
+
+async def test_health_check_classifies_the_probe(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ok, slow (answered after HEALTH_SLOW), unresponsive (no answer after HEALTH_TIMEOUT, or
+    ENOTCONN), back to ok; last_error while not ok; an unmounted export is not probed."""
+    import fusemux.core.health as health_mod
+
+    monkeypatch.setattr(health_mod, "HEALTH_SLOW", 0.05)
+    monkeypatch.setattr(health_mod, "HEALTH_TIMEOUT", 0.3)
+    real_statvfs = os.statvfs
+    calls: list[str] = []
+
+    def counted(path: Any) -> os.statvfs_result:
+        calls.append(str(path))
+        return real_statvfs(path)
+
+    monkeypatch.setattr(os, "statvfs", counted)
+    assert await env.fs.health.check("gold") is None  # not mounted: nothing is probed
+    assert calls == [] and env.fs.exports.get("gold").state is State.UNMOUNTED
+    handle = await env.fs.open(await env.volume("gold", "vm1.raw"), os.O_RDONLY, ME)
+    ino = env.ino("gold")
+    assert await env.fs.health.check("gold") is exports_mod.Health.OK
+    assert await env.fs.getxattr(ino, P + "health", ME) == b"ok"
+
+    def slow(path: Any) -> os.statvfs_result:
+        threading.Event().wait(0.1)
+        return real_statvfs(path)
+
+    monkeypatch.setattr(os, "statvfs", slow)
+    assert await env.fs.health.check("gold") is exports_mod.Health.SLOW
+    assert (await env.fs.getxattr(ino, P + "last_error", ME)).startswith(b"health slow: ")
+
+    release = threading.Event()
+
+    def stuck(path: Any) -> os.statvfs_result:
+        release.wait(10)
+        return real_statvfs(path)
+
+    monkeypatch.setattr(os, "statvfs", stuck)
+    start = trio.current_time()
+    assert await env.fs.health.check("gold") is exports_mod.Health.UNRESPONSIVE
+    assert 0.3 <= trio.current_time() - start < 2
+    assert b"has not answered" in await env.fs.getxattr(ino, P + "last_error", ME)
+    assert await env.fs.getxattr(ino, P + "health", ME) == b"unresponsive"
+    # While it hangs, a check joins the same probe and answers at once.
+    start = trio.current_time()
+    assert await env.fs.health.check("gold") is exports_mod.Health.UNRESPONSIVE
+    assert trio.current_time() - start < 0.1
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    release.set()
+    await until(lambda: env.fs.exports.get("gold").statvfs_probe is None)
+    # The hung probe came back after > HEALTH_TIMEOUT: the check asks again, and it is ok.
+    assert await env.fs.health.check("gold") is exports_mod.Health.OK
+    assert await env.fs.getxattr(ino, P + "last_error", ME) == b""
+
+    def dead(path: Any) -> os.statvfs_result:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(os, "statvfs", dead)
+    assert await env.fs.health.check("gold") is exports_mod.Health.UNRESPONSIVE
+    assert b"Transport endpoint" in await env.fs.getxattr(ino, P + "last_error", ME)
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    await env.fs.release(handle.fh)
+
+
+async def test_metrics_collector_reads_the_core(env: Env) -> None:
+    """The exposition of the core's state (what a scrape returns), parsed back."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fusemux.core import metrics
+
+    handle = await env.fs.open(await env.volume("gold", "vm1.raw"), os.O_RDONLY, ME)
+    registry = CollectorRegistry()
+    registry.register(metrics.CoreCollector(env.fs))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("fusemux_export_open_volumes", (("export", "gold"),))] == 1
+    assert samples[("fusemux_export_holders", (("export", "gold"),))] == 1
+    assert samples[("fusemux_export_mounts_total", (("export", "gold"),))] == 1
+    assert samples[("fusemux_export_state", (("export", "gold"), ("state", "mounted")))] == 1
+    assert samples[("fusemux_export_state", (("export", "gold"), ("state", "failed")))] == 0
+    assert samples[("fusemux_export_health", (("export", "gold"), ("health", "ok")))] == 1
+    assert samples[("fusemux_mappings", (("kind", "loop"),))] == 0
+    await env.fs.release(handle.fh)

@@ -10,6 +10,8 @@ content is :func:`content` of the file name: a deterministic pattern a test can 
 Control, through files in CONTROL_DIR (polled every 10 ms):
 
 * ``block`` exists: every read blocks until the file is removed (then completes normally);
+* ``block_statfs`` exists: every statfs blocks the same way (a server that stopped answering
+  as fusemux's health probe sees it);
 * ``waiting`` is rewritten with the number of reads blocked right now, so a test can wait
   until a read is really stuck inside the backend;
 * ``ready`` is created once the filesystem is mounted and serving.
@@ -132,6 +134,17 @@ class HangFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # Polling a file on purpose: the test controls it from another process.
+        while (self.control / "block_statfs").exists():  # noqa: ASYNC110
+            await trio.sleep(POLL)
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = st.f_bfree = st.f_bavail = 1024
+        st.f_files = st.f_ffree = st.f_favail = 64
+        st.f_namemax = 255
+        return st
 
     def _publish(self) -> None:
         tmp = self.control / "waiting.tmp"

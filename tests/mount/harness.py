@@ -10,6 +10,7 @@ mounted, fails the test on unexpected WARNING/ERROR lines or tracebacks in its l
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -78,6 +79,9 @@ class Daemon:
         self.exports: dict[str, dict[str, Any]] = {}
         self.allowed_warnings: list[str] = []
         self.allowed_errors: list[str] = []  # ERROR lines a test provokes on purpose
+        # How to run fusemux (a test of the installed wheel runs its venv's command), and where.
+        self.command: list[str] = [sys.executable, "-m", "fusemux"]
+        self.cwd: Path | None = None
         self.mnt.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -135,18 +139,21 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def start(self, *extra: str, verbose: bool = True) -> None:
-        """Start the daemon and wait for its FUSE mount (debug logging unless not *verbose*)."""
+    def start(self, *extra: str, verbose: bool = True, env: dict[str, str] | None = None) -> None:
+        """Start the daemon and wait for its FUSE mount (debug logging unless not *verbose*;
+        *env* is added to the daemon's environment)."""
         if not self.config_path.exists():
             self.write_config()
-        starts = self.log().count(" serving ")
+        starts = self.serving_lines()
         log = open(self.log_path, "ab")  # handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fusemux", "serve", str(self.mnt), "--config"]
+            [*self.command, "serve", str(self.mnt), "--config"]
             + [str(self.config_path), *(["-v"] if verbose else []), *extra],
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         proc = self.proc
@@ -155,12 +162,31 @@ class Daemon:
             if proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {proc.returncode}:\n{self.log()}")
             # A stale mount of a killed daemon may still be there: wait for this one.
-            return self.log().count(" serving ") > starts and "fuse.fusemux" in mounted_at(self.mnt)
+            return self.serving_lines() > starts and "fuse.fusemux" in mounted_at(self.mnt)
 
         wait_for(up, 20, "the FUSE mount")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def serving_lines(self) -> int:
+        """How many times the log says "serving" (text or JSON format)."""
+        log = self.log()
+        return log.count(" serving ") + log.count('"message": "serving ')
+
+    def log_lines(self) -> list[str]:
+        """The log, JSON lines (``log_format = "json"``) shown as ``TIME LEVEL LOGGER: msg``."""
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    d = json.loads(line)
+                    line = f"{d['time']} {d['level']} {d['logger']}: {d['message']}"
+                    if "exception" in d:
+                        out.append(line)
+                        line = d["exception"]
+            out.append(line)
+        return out
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit status."""
@@ -197,7 +223,7 @@ class Daemon:
 
     def unexpected_log_lines(self) -> list[str]:
         bad = []
-        for line in self.log().splitlines():
+        for line in self.log_lines():
             if (
                 "Traceback" in line
                 or " CRITICAL " in line

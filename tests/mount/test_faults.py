@@ -465,7 +465,7 @@ def test_busy_unmount_is_retried_and_never_detached(daemon: Daemon) -> None:
             time.sleep(0.05)
         wait_for(lambda: daemon.state_of("gold") == "mounted", 5, "state mounted")
         retries = [
-            line.rsplit("retrying in ", 1)[1]
+            line.rsplit("retrying in ", 1)[1].split()[0]  # then the key=value fields
             for line in daemon.log().splitlines()
             if "export gold: unmount failed" in line
         ]
@@ -544,12 +544,14 @@ class HangFs:
         with contextlib.suppress(OSError):
             self.detach()
 
-    def block(self) -> None:
-        (self.control / "block").touch()
+    def block(self, what: str = "block") -> None:
+        """Block reads (or, with ``block_statfs``, statfs) until :meth:`unblock`."""
+        (self.control / what).touch()
 
     def unblock(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.control / "block").unlink()
+        for what in ("block", "block_statfs"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.control / what).unlink()
 
     def waiting(self) -> int:
         try:
@@ -680,6 +682,7 @@ def test_backend_dies_under_open_volume(hangfs: HangFs, daemon: Daemon) -> None:
     daemon.add_bind_export("good", {"a": VOL})
     daemon.write_config(linger=0)
     daemon.allowed_warnings.append(r"close of sick/vol1 failed: .*Transport endpoint")
+    daemon.allowed_warnings.append(r"export sick: health ok -> unresponsive .*Transport endpoint")
     daemon.start()
     fd = os.open(daemon.volume("sick", "vol1"), os.O_RDONLY)
     close_errno = 0
@@ -712,6 +715,49 @@ def test_backend_dies_under_open_volume(hangfs: HangFs, daemon: Daemon) -> None:
         assert f.read() == content("vol2", MiB)
     daemon.wait_unmounted("sick")
     daemon.wait_unmounted("good")
+
+
+def test_health_over_a_hung_backend(hangfs: HangFs, daemon: Daemon) -> None:
+    """A mounted export whose backend stops answering statfs (a server that hangs) shows
+    ``health`` = ``unresponsive`` with ``last_error`` filled in, in the xattr and in
+    ``fusemux status``, while another export stays ``ok``; once the backend answers again
+    it returns to ``ok`` by itself and ``last_error`` is empty again."""
+    daemon.exports["sick"] = {"source": str(hangfs.mnt), "fstype": "none", "options": "bind"}
+    daemon.add_bind_export("good", {"a": VOL})
+    daemon.write_config(linger=0)
+    daemon.allowed_warnings += [
+        r"export sick: health ok -> unresponsive \(statvfs of .* has not answered",
+        r"export sick: statvfs timed out",
+    ]
+    daemon.start()
+    sick, good = daemon.volumes("sick"), daemon.volumes("good")
+    with open(daemon.volume("sick", "vol1"), "rb") as f, open(daemon.volume("good", "a"), "rb"):
+        assert f.read(4096) == content("vol1", MiB)[:4096]
+        assert daemon.xattr(sick, "health") == "ok"
+        hangfs.block("block_statfs")
+        t0 = time.monotonic()
+        wait_for(lambda: daemon.xattr(sick, "health") == "unresponsive", 20, "unresponsive")
+        print(f"unresponsive after {time.monotonic() - t0:.1f} s")
+        assert "has not answered" in daemon.xattr(sick, "last_error")
+        assert daemon.state_of("sick") == "mounted"
+        assert daemon.xattr(good, "health") == "ok"
+        # Everything else still answers: a read of the sick export, the admin's status.
+        assert f.read(4096) == content("vol1", MiB)[4096:8192]
+        status = run(sys.executable, "-m", "fusemux", "status", daemon.mnt, "--json", cwd=REPO)
+        by_name = {e["name"]: e for e in json.loads(status.stdout)["exports"]}
+        assert by_name["sick"]["health"] == "unresponsive"
+        assert by_name["good"]["health"] == "ok"
+        text = run(sys.executable, "-m", "fusemux", "status", daemon.mnt, cwd=REPO).stdout
+        assert any(
+            line.split()[:3] == ["sick", "mounted", "unresponsive"] for line in text.splitlines()
+        ), text
+        hangfs.unblock()
+        wait_for(lambda: daemon.xattr(sick, "health") == "ok", 20, "ok again")
+        assert daemon.xattr(sick, "last_error") == ""
+    daemon.wait_unmounted("sick")
+    daemon.wait_unmounted("good")
+    assert daemon.xattr(sick, "health") == "ok"
+    assert "export sick: health unresponsive -> ok" in daemon.log()
 
 
 # -- 5. the backing file or mount disappears --------------------------------------------------

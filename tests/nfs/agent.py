@@ -303,8 +303,27 @@ def sc_outage(args: dict[str, Any]) -> dict[str, Any]:
     res["status_baseline_s"] = status_json()[0]  # with the server up, for comparison
     th = threading.Thread(target=reader)
     th.start()
+    # The export's health xattr, sampled from the stop until it is ok again after the resume.
+    health: list[tuple[float, str]] = []
+    health_done = threading.Event()
+    t_cont = 0.0
+
+    def health_sampler() -> None:
+        while not health_done.is_set():
+            try:
+                value = xattr(export, "health")
+            except OSError as e:
+                value = f"error {ename(e.errno)}"
+            if not health or health[-1][1] != value:
+                health.append((round(time.monotonic() - t_stop, 2), value))
+            if t_cont and value == "ok" and len(health) > 1:
+                return
+            time.sleep(0.2)
+
     time.sleep(1.0)
     t_stop = time.monotonic()
+    health_th = threading.Thread(target=health_sampler)
+    health_th.start()
     host("signal", server="a", sig="STOP")
     log("server a stopped")
     time.sleep(0.3)
@@ -360,6 +379,13 @@ def sc_outage(args: dict[str, Any]) -> dict[str, Any]:
     stop.set()
     th.join(timeout=120)
     res["reader_stuck"] = th.is_alive()
+    health_th.join(timeout=30)
+    health_done.set()
+    res["health"] = health  # [(seconds after the stop, value)], on each change
+    res["health_ok_after_cont_s"] = next(
+        (round(t - (t_cont - t_stop), 2) for t, v in health if v == "ok" and t > t_cont - t_stop),
+        None,
+    )
     during = [r for r in reads if t_stop <= r[0] + r[1] and r[0] <= t_cont]
     res["reads_during"] = len(during)
     res["max_read_s"] = round(max((r[1] for r in reads), default=0.0), 3)

@@ -67,7 +67,7 @@ GUEST_MODULES = [
     "nfsv4",
 ]
 # What fusemux needs at run time inside the guest (copied from the host's venv).
-RUNTIME_DISTS = ["pyfuse3", "trio"]
+RUNTIME_DISTS = ["pyfuse3", "trio", "prometheus-client"]
 
 INIT = r"""#!/bin/sh
 # initramfs init: modules, network, the rootfs (a throw-away snapshot), then the agent.

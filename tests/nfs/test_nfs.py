@@ -123,6 +123,11 @@ def test_outage(nfs: NfsTier, record: dict[str, Any], export: str) -> None:
     assert data["status_export"]["state"] == "mounted"
     assert data["status_export"].get("backing_answers") is False
     assert "first_ok_after_cont_s" in data
+    # Export health: unresponsive while the server is stopped (a statvfs probe overdue by
+    # 3 s, or failed), ok again by itself after the resume.
+    assert [v for _, v in data["health"]][:1] == ["ok"], data["health"]
+    assert "unresponsive" in [v for _, v in data["health"]], data["health"]
+    assert data["health_ok_after_cont_s"] is not None, data["health"]
     assert data["md5_reopen"]
     if export in IO_TIMEOUTS:
         # fusemux's io_timeout turns the stuck read into ETIMEDOUT after that time.

@@ -25,6 +25,7 @@ from fusemux.config import (
     Config,
     ConfigError,
     ExportConfig,
+    MetricsListen,
     load_config,
     parse_shares,
     share_export_name,
@@ -503,3 +504,71 @@ def test_cli_check_syntax_error_and_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{tmp_path / 'missing.toml'}:0: cannot read config")
+
+
+# -- metrics_listen and log_format (issue 14) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"127.0.0.1:9477"', MetricsListen(host="127.0.0.1", port=9477)),
+        ('"localhost:1"', MetricsListen(host="127.0.0.1", port=1)),
+        ('"[::1]:65535"', MetricsListen(host="::1", port=65535)),
+        ('"0.0.0.0:9477"', MetricsListen(host="0.0.0.0", port=9477)),
+        ('"/run/fusemux/metrics.sock"', MetricsListen(path="/run/fusemux/metrics.sock")),
+    ],
+)
+def test_metrics_listen_values(tmp_path: Path, value: str, expected: MetricsListen) -> None:
+    config = load_config(write(tmp_path / "c.toml", f"linger = 1\nmetrics_listen = {value}\n"))
+    assert config.metrics_listen == expected
+    assert str(expected) == value.strip('"').replace("localhost", "127.0.0.1")
+
+
+def test_metrics_listen_unset_means_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path / "c.toml", "")).metrics_listen is None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ('"127.0.0.1"', "expected HOST:PORT"),
+        ('""', "expected HOST:PORT"),
+        ('":9477"', "expected HOST:PORT"),
+        ('"example.org:9477"', "'example.org' is not an IP address"),
+        ('"127.0.0.1:0"', "port '0' is not a number from 1 to 65535"),
+        ('"127.0.0.1:65536"', "port '65536' is not a number from 1 to 65535"),
+        ('"127.0.0.1:http"', "port 'http' is not a number"),
+        ('"::1:9477"', "IPv6 address in brackets"),
+        ('"relative/metrics.sock"', "expected HOST:PORT"),
+        ('"/' + "x" * 120 + '"', "at most 107 bytes"),
+        ("9477", "metrics_listen must be a string"),
+        ("true", "metrics_listen must be a string"),
+    ],
+)
+def test_metrics_listen_problems_name_the_line(tmp_path: Path, value: str, reason: str) -> None:
+    path = write(tmp_path / "c.toml", f"linger = 1\n\nmetrics_listen = {value}\n")
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}:3: metrics_listen"), problems
+    assert reason in problems[0], problems
+
+
+def test_log_format(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path / "a.toml", "")).log_format == "text"
+    assert load_config(write(tmp_path / "b.toml", 'log_format = "json"\n')).log_format == "json"
+    path = write(tmp_path / "c.toml", 'linger = 1\nlog_format = "yaml"\n')
+    assert problems_of(path) == [f"{path}:2: log_format must be one of 'text', 'json'"]
+
+
+def test_check_names_the_metrics_listen_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", 'linger = 1\nmetrics_listen = "127.0.0.1:x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "fusemux", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"{path}:2: metrics_listen '127.0.0.1:x': port 'x' is not a number from 1 to 65535\n"
+    )

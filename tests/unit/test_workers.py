@@ -145,3 +145,19 @@ async def test_an_abandoned_call_reports_when_it_ends() -> None:
     # In time: neither is called.
     assert await pool.run(lambda: 1, timeout=5, on_abandon=on_abandon) == 1
     assert events == ["abandoned", "ended"]
+
+
+async def test_io_timeouts_are_counted_for_the_metrics() -> None:
+    """workers.run counts each call abandoned at the export's io_timeout (metrics)."""
+    export = Export(
+        ExportConfig(name="gold", source="/src/gold", io_timeout=0.1), Path("/nonexistent/gold")
+    )
+    release = threading.Event()
+    assert export.io_timeouts == 0
+    with pytest.raises(IoTimeout):
+        await workers.run(export, release.wait, 10)
+    assert export.io_timeouts == 1
+    assert await workers.run(export, abs, -1) == 1  # in time: not counted
+    assert export.io_timeouts == 1
+    release.set()
+    await tokens_returned(export)

@@ -42,6 +42,7 @@ from collections import Counter
 
 import trio
 
+from fusemux.core import metrics
 from fusemux.core.api import Ctx, EngineStatistics, Interrupt, Op, caller_dying, interrupt_policy
 from fusemux.core.fs import FileSystem
 from fusemux.engines import fuse_abi as abi
@@ -312,6 +313,7 @@ class Session:
 
     async def _run(self, req: Request, scope: trio.CancelScope) -> None:
         handler = self.ops.handlers.get(req.opcode)
+        started = metrics.now()
         try:
             with scope:
                 if handler is None:
@@ -331,6 +333,7 @@ class Session:
             self._reply_error(req.unique, reply_errno(e, op, log))
         finally:
             self.inflight.pop(req.unique, None)
+            metrics.request_done(abi.OPCODE_NAMES.get(req.opcode, str(req.opcode)), started)
 
     def write_reply(self, unique: int, error: int, parts: list[bytes]) -> bool:
         """One reply; False if the kernel no longer waits for it (interrupted, aborted)."""

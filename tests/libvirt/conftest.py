@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import PUBLIC_DIR
 from tests.libvirt.harness import Libvirt
 from tests.mount.conftest import daemon  # noqa: F401  (tier (c)'s fixture)
-from tests.mount.harness import Daemon
+from tests.mount.harness import Daemon, checked_daemon
 
 if os.geteuid() != 0:
     pytest.skip("the libvirt tier needs root", allow_module_level=True)
@@ -89,15 +89,5 @@ def libvirt_host(tmp_path: Path, libvirt_cache: Path) -> Iterator[Callable[..., 
 @pytest.fixture
 def daemon2(tmp_path: Path, engine: str) -> Iterator[Daemon]:
     """A second fusemux daemon ("another host"), checked like tier (c)'s ``daemon``."""
-    d = Daemon(tmp_path / "host2", engine=engine)
-    try:
+    with checked_daemon(tmp_path / "host2", engine, "second daemon") as d:
         yield d
-        if d.proc is not None and d.proc.poll() is None:
-            rc = d.stop()
-            assert rc == 0, f"second daemon exited {rc}:\n{d.log()}"
-        left = d.leftover_mounts()
-        assert not left, f"second daemon left mounts behind: {left}"
-        bad = d.unexpected_log_lines()
-        assert not bad, "unexpected second daemon log lines:\n" + "\n".join(bad)
-    finally:
-        d.cleanup()

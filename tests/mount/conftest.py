@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mount.harness import Daemon
+from tests.mount.harness import Daemon, checked_daemon
 
 if os.geteuid() != 0:
     pytest.skip("tier (c) tests need root (mounts)", allow_module_level=True)
@@ -37,15 +37,5 @@ def engine(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def daemon(tmp_path: Path, engine: str) -> Iterator[Daemon]:
     """A daemon to configure and start; stopped, checked and cleaned up afterwards."""
-    d = Daemon(tmp_path, engine=engine)
-    try:
+    with checked_daemon(tmp_path, engine) as d:
         yield d
-        if d.proc is not None and d.proc.poll() is None:
-            rc = d.stop()
-            assert rc == 0, f"daemon exited {rc}:\n{d.log()}"
-        left = d.leftover_mounts()
-        assert not left, f"daemon left mounts behind: {left}"
-        bad = d.unexpected_log_lines()
-        assert not bad, "unexpected daemon log lines:\n" + "\n".join(bad)
-    finally:
-        d.cleanup()

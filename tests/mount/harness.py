@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,24 @@ def run(*argv: str | Path, check: bool = True, **kw: Any) -> subprocess.Complete
             f"{argv} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
         )
     return result
+
+
+@contextlib.contextmanager
+def checked_daemon(base: Path, engine: str, label: str = "daemon") -> Iterator[Daemon]:
+    """A daemon to configure and start; afterwards stopped (it must exit 0), checked for
+    leftover mounts and unexpected log lines, and cleaned up whatever happened."""
+    d = Daemon(base, engine=engine)
+    try:
+        yield d
+        if d.proc is not None and d.proc.poll() is None:
+            rc = d.stop()
+            assert rc == 0, f"{label} exited {rc}:\n{d.log()}"
+        left = d.leftover_mounts()
+        assert not left, f"{label} left mounts behind: {left}"
+        bad = d.unexpected_log_lines()
+        assert not bad, f"unexpected {label} log lines:\n" + "\n".join(bad)
+    finally:
+        d.cleanup()
 
 
 def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess[str]:

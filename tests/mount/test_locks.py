@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mount.harness import Daemon, run, stays, wait_for
+from tests.mount.harness import Daemon, checked_daemon, run, stays, wait_for
 
 F_OFD_GETLK = 36
 F_OFD_SETLK = 37
@@ -144,19 +144,11 @@ def try_flock(path: Path) -> int:
 def two_hosts(daemon: Daemon, tmp_path: Path) -> Iterator[tuple[Daemon, Daemon, Path]]:
     """Daemon A (the fixture's) and daemon B over the same backing directory."""
     src = daemon.add_bind_export("gold", {"disk": b"\0" * (1 << 20)})
-    b = Daemon(tmp_path / "hostb", engine=daemon.mode)
-    b.exports["gold"] = dict(daemon.exports["gold"])
-    try:
+    with checked_daemon(tmp_path / "hostb", daemon.mode, "daemon B") as b:
+        b.exports["gold"] = dict(daemon.exports["gold"])
         daemon.start()
         b.start()
         yield daemon, b, src
-        rc = b.stop()
-        assert rc == 0, f"daemon B exited {rc}:\n{b.log()}"
-        assert not b.leftover_mounts()
-        bad = b.unexpected_log_lines()
-        assert not bad, "unexpected daemon B log lines:\n" + "\n".join(bad)
-    finally:
-        b.cleanup()
 
 
 def needs_lock_engine(d: Daemon) -> None:

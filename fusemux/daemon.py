@@ -310,7 +310,14 @@ async def _announce_ready(
     thread while the event loop serves it."""
     volumes = os.path.join(mountpoint, "volumes")
     with trio.move_on_after(READY_TIMEOUT) as waited:
-        await trio.to_thread.run_sync(os.stat, volumes, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(os.stat, volumes, abandon_on_cancel=True)
+        except OSError as e:
+            # The mount went away before it answered: a stop right after the start (the
+            # session then ends by itself), or an unmount from outside. No READY=1; a
+            # waiting parent sees the daemon exit without it.
+            log.info("the mount at %s went away before it answered (%s)", mountpoint, e.strerror)
+            return
     if waited.cancelled_caught:
         options.failure = f"the mount at {mountpoint} did not answer within {READY_TIMEOUT:g}s"
         log.error("%s; stopping", options.failure)

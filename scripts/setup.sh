@@ -6,7 +6,10 @@
 # fusemux/ for them): mount/umount/losetup (mount), setpriv (util-linux), fincore
 # (util-linux-extra: its own package on Debian 13; on 12 util-linux depends on it), sfdisk
 # (fdisk), mkfs.ext4/debugfs (e2fsprogs), getfattr/setfattr (attr), fusermount3 (fuse3),
-# qemu-img/qemu-io/qemu-nbd (qemu-utils), fio and mergerfs (benchmarks and their smoke test).
+# qemu-img/qemu-io/qemu-nbd (qemu-utils), qemu-system-x86_64 (qemu-system-x86: a paused VM
+# holding its disk's locks), systemd-analyze (systemd: the unit file check; a bare root or a
+# container may lack it), fio and mergerfs (benchmarks and their smoke test). No test may call
+# git: a checkout made from a tarball has none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,7 @@ APT_PACKAGES=(
   libfuse3-dev fuse3
   qemu-utils attr e2fsprogs util-linux util-linux-extra mount procps kmod fdisk
   fio mergerfs
+  qemu-system-x86 systemd
 )
 
 APT_TAG=setup bash scripts/apt-install.sh "${APT_PACKAGES[@]}"
